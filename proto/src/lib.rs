@@ -19,8 +19,11 @@ pub mod connect;
 pub mod enroll;
 pub mod error;
 pub mod frame;
+pub mod invite;
 pub mod secret;
 pub mod types;
+#[cfg(feature = "net")]
+pub mod udp;
 
 #[cfg(feature = "tokio")]
 pub mod io;

@@ -1,1 +1,11 @@
+//! The ZeroSpice gateway.
+//!
+//! Decisions are pure code that takes `now` (the TOTP guard in [`totp`], the enrollment decision
+//! in [`enrollment`]); IO lives at the edges (SQLite in [`store`], QUIC in [`server`]).
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod audit;
+pub mod config;
+pub mod store;
+pub mod totp;

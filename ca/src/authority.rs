@@ -43,7 +43,9 @@ pub const BACKDATE: Duration = Duration::minutes(5);
 pub enum KeyProvenance {
     Software,
     /// Generated inside a YubiKey PIV slot (attested); the device serial.
-    Yubikey { serial: u32 },
+    Yubikey {
+        serial: u32,
+    },
 }
 
 impl KeyProvenance {
@@ -106,7 +108,7 @@ pub struct ClientCertRequest<'a> {
 }
 
 /// A certificate just issued.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedCertificate {
     pub der: Vec<u8>,
     pub serial: Serial,
@@ -275,8 +277,8 @@ impl CertificateAuthority {
         // exactly what was verified.
         let id = Identity::from_der(&issued.der)
             .map_err(|e| CaError::Internal(format!("issued certificate fails its profile: {e}")))?;
-        let (_, parsed) = X509Certificate::from_der(&issued.der)
-            .map_err(|e| CaError::Internal(e.to_string()))?;
+        let (_, parsed) =
+            X509Certificate::from_der(&issued.der).map_err(|e| CaError::Internal(e.to_string()))?;
         if id.user != *req.user
             || id.device != *req.device
             || id.key != req.key
@@ -349,7 +351,8 @@ mod tests {
         assert_eq!(bc.path_len_constraint, Some(0));
         let ku = cert.key_usage().unwrap().unwrap().value;
         assert!(ku.key_cert_sign() && ku.crl_sign());
-        let years = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp())
+        let years = (cert.validity().not_after.timestamp()
+            - cert.validity().not_before.timestamp())
             / (365 * 86400);
         assert_eq!(years, 20);
         assert!(ca.fingerprint().to_string().starts_with("SHA256:"));
@@ -369,11 +372,21 @@ mod tests {
     fn client_certificate_profile() {
         let ca = test_ca();
         let key = SoftwareKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-        let issued = issue(&ca, &build_csr(&key, "alice").unwrap(), KeyProvenance::Software);
+        let issued = issue(
+            &ca,
+            &build_csr(&key, "alice").unwrap(),
+            KeyProvenance::Software,
+        );
         let (_, cert) = X509Certificate::from_der(&issued.der).unwrap();
 
         assert_eq!(cert.subject().to_string(), "CN=alice");
-        assert_eq!(cert.issuer(), X509Certificate::from_der(ca.cert_der()).unwrap().1.subject());
+        assert_eq!(
+            cert.issuer(),
+            X509Certificate::from_der(ca.cert_der())
+                .unwrap()
+                .1
+                .subject()
+        );
         assert!(cert.raw_serial().len() >= 15);
         assert!(!cert.is_ca());
         let bc = cert.basic_constraints().unwrap().unwrap().value;

@@ -241,7 +241,10 @@ pub(crate) mod tests {
         ] {
             let key = KeyPair::generate_for(alg).unwrap();
             let csr = ValidatedCsr::parse(&csr_with(&cn_params("x"), &key)).unwrap();
-            assert_eq!(csr.spki(), rcgen::PublicKeyData::subject_public_key_info(&key).as_slice());
+            assert_eq!(
+                csr.spki(),
+                rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+            );
         }
         let sw = SoftwareKey::generate(KeyAlgorithm::EcdsaP384).unwrap();
         let csr = ValidatedCsr::parse(&build_csr(&sw, "alice").unwrap()).unwrap();
@@ -307,7 +310,10 @@ pub(crate) mod tests {
         let s_spki = s.certification_request_info.subject_pki.raw;
         let t_spki = t.certification_request_info.subject_pki.raw;
         assert_eq!(s_spki.len(), t_spki.len());
-        let pos = target.windows(t_spki.len()).position(|w| w == t_spki).unwrap();
+        let pos = target
+            .windows(t_spki.len())
+            .position(|w| w == t_spki)
+            .unwrap();
         let mut out = target.to_vec();
         out[pos..pos + s_spki.len()].copy_from_slice(s_spki);
         out

@@ -12,6 +12,9 @@ impl Fingerprint {
         out.copy_from_slice(d.as_ref());
         Self(out)
     }
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -75,7 +78,12 @@ mod tests {
         assert_eq!(s.parse::<Fingerprint>().unwrap(), f);
         let colons = "BA:78:16:BF:8F:01:CF:EA:41:41:40:DE:5D:AE:22:23:B0:03:61:A3:96:17:7A:9C:B4:10:FF:61:F2:00:15:AD";
         assert_eq!(colons.parse::<Fingerprint>().unwrap(), f);
-        assert_eq!(format!("sha256:{}", f.hex()).parse::<Fingerprint>().unwrap(), f);
+        assert_eq!(
+            format!("sha256:{}", f.hex())
+                .parse::<Fingerprint>()
+                .unwrap(),
+            f
+        );
         assert!("SHA256:abcd".parse::<Fingerprint>().is_err());
         assert!(f.matches(&f));
         assert!(!f.matches(&Fingerprint::of(b"abd")));

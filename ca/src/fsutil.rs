@@ -11,11 +11,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum PermError {
     #[error("{path} has mode {mode:04o}: it holds secrets and must not be accessible by other users (run: chmod {want:o} {path})")]
-    TooOpen {
-        path: String,
-        mode: u32,
-        want: u32,
-    },
+    TooOpen { path: String, mode: u32, want: u32 },
     #[error("{path} is owned by uid {owner}, not by the user running ZeroSpice (uid {me})")]
     WrongOwner { path: String, owner: u32, me: u32 },
     #[error("{path}: {source}")]

@@ -265,7 +265,10 @@ mod tests {
             SoftwareKey::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"),
             Err(KeyError::Unsupported)
         ));
-        assert!(matches!(SoftwareKey::from_pem("junk"), Err(KeyError::Pem(_))));
+        assert!(matches!(
+            SoftwareKey::from_pem("junk"),
+            Err(KeyError::Pem(_))
+        ));
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //!
 //! This crate knows nothing of Proxmox, QUIC or GUIs.
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod authority;
 pub mod csr;

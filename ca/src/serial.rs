@@ -57,7 +57,10 @@ impl FromStr for Serial {
             .strip_prefix("0x")
             .or_else(|| t.strip_prefix("0X"))
             .unwrap_or(t);
-        let digits: String = t.chars().filter(|c| !matches!(c, ':' | ' ' | '-')).collect();
+        let digits: String = t
+            .chars()
+            .filter(|c| !matches!(c, ':' | ' ' | '-'))
+            .collect();
         if digits.is_empty() || digits.len() > 128 || !digits.chars().all(|c| c.is_ascii_hexdigit())
         {
             return Err(err());

@@ -201,7 +201,10 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (what, addr) in [("access", self.listen.access), ("enroll", self.listen.enroll)] {
+        for (what, addr) in [
+            ("access", self.listen.access),
+            ("enroll", self.listen.enroll),
+        ] {
             if addr.ip().is_unspecified() && !self.listen.allow_wildcard {
                 return Err(ConfigError::Invalid(format!(
                     "listen.{what} = {addr} is a wildcard address: the gateway would be reachable on every interface. \
@@ -219,7 +222,8 @@ impl Config {
             && self.listen.public_host.is_none()
         {
             return Err(ConfigError::Invalid(
-                "with a wildcard listen address, set listen.public_host to the address clients use".into(),
+                "with a wildcard listen address, set listen.public_host to the address clients use"
+                    .into(),
             ));
         }
         if self.certificates.validity_days == 0 || self.certificates.validity_days > 397 {
@@ -295,10 +299,7 @@ pub fn resolve(config_path: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
-        config_path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(p)
+        config_path.parent().unwrap_or(Path::new(".")).join(p)
     }
 }
 
@@ -339,14 +340,20 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("wildcard"), "{e}");
         c.listen.allow_wildcard = true;
-        assert!(c.validate().unwrap_err().to_string().contains("public_host"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("public_host"));
         c.listen.public_host = Some("gw.example".into());
         c.validate().unwrap();
     }
 
     #[test]
     fn unknown_keys_and_unpinned_proxmox_are_refused() {
-        let text = base().to_toml().replace("[listen]", "[listen]\nacess = \"x\"");
+        let text = base()
+            .to_toml()
+            .replace("[listen]", "[listen]\nacess = \"x\"");
         assert!(toml::from_str::<Config>(&text).is_err());
         let mut c = base();
         c.proxmox = Some(ProxmoxConfig {

@@ -5,7 +5,11 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod enrollment;
+pub mod paths;
+pub mod server;
 pub mod store;
 pub mod totp;

@@ -161,7 +161,10 @@ pub struct CertRecord {
 pub enum CertStatus {
     /// Not issued by this gateway's database (e.g. a restored CA with another database).
     Unknown,
-    Revoked { at: i64, reason: String },
+    Revoked {
+        at: i64,
+        reason: String,
+    },
     UserRemoved,
     Active,
 }
@@ -577,7 +580,8 @@ impl Store {
 
 const USER_SELECT: &str = "SELECT name, totp_secret, vms, pools, tags, power, require_hardware, key_rules, last_totp_step, created_at FROM users";
 
-const CERT_SELECT: &str = "SELECT c.serial, c.user, c.device, c.fingerprint, c.key_fingerprint, c.key_kind,
+const CERT_SELECT: &str =
+    "SELECT c.serial, c.user, c.device, c.fingerprint, c.key_fingerprint, c.key_kind,
         c.hardware_serial, c.not_before, c.not_after, c.issued_at, r.revoked_at, r.reason,
         EXISTS (SELECT 1 FROM users u WHERE u.name = c.user)
      FROM certificates c LEFT JOIN revocations r ON r.serial = c.serial";
@@ -820,8 +824,13 @@ mod tests {
     #[test]
     fn removing_a_user_revokes_their_certificates() {
         let (_d, s) = store();
-        s.add_user("alice", &TotpSecret::from_bytes(vec![1; 20]), &Default::default(), 0)
-            .unwrap();
+        s.add_user(
+            "alice",
+            &TotpSecret::from_bytes(vec![1; 20]),
+            &Default::default(),
+            0,
+        )
+        .unwrap();
         s.write(|tx| tx.insert_certificate(&cert("aa", "alice")))
             .unwrap();
         assert_eq!(s.cert_status("aa").unwrap(), CertStatus::Active);
@@ -847,8 +856,13 @@ mod tests {
     #[test]
     fn revocation_is_idempotent() {
         let (_d, s) = store();
-        s.add_user("a", &TotpSecret::from_bytes(vec![1; 20]), &Default::default(), 0)
-            .unwrap();
+        s.add_user(
+            "a",
+            &TotpSecret::from_bytes(vec![1; 20]),
+            &Default::default(),
+            0,
+        )
+        .unwrap();
         s.write(|tx| tx.insert_certificate(&cert("0a", "a")))
             .unwrap();
         assert!(s.revoke("0a", "lost laptop", 3).unwrap());
@@ -918,7 +932,9 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = Store::open(&path).unwrap_err().to_string();
         assert!(e.contains("mode 0644"), "{e}");
-        let e = Store::open(&d.path().join("nope.db")).unwrap_err().to_string();
+        let e = Store::open(&d.path().join("nope.db"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("zerospice-gateway init"), "{e}");
     }
 }

@@ -257,8 +257,19 @@ mod tests {
         let s = secret();
         let now = 1_700_000_000;
         let code = s.code_at_step(step_of(now));
-        for bad in ["", "12345", "1234567", "abcdef", &format!(" {code}"), "１２３４５６"] {
-            assert_eq!(check_code(&s, bad, now, None), Err(CodeRefusal::Wrong), "{bad:?}");
+        for bad in [
+            "",
+            "12345",
+            "1234567",
+            "abcdef",
+            &format!(" {code}"),
+            "１２３４５６",
+        ] {
+            assert_eq!(
+                check_code(&s, bad, now, None),
+                Err(CodeRefusal::Wrong),
+                "{bad:?}"
+            );
         }
     }
 

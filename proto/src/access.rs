@@ -45,10 +45,17 @@ impl PowerAction {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Hello(HelloInfo),
-    Vms { vms: Vec<VmInfo> },
-    Vm { vm: VmInfo },
+    Vms {
+        vms: Vec<VmInfo>,
+    },
+    Vm {
+        vm: VmInfo,
+    },
     Session(SessionGrant),
-    PowerDone { vmid: VmId, action: PowerAction },
+    PowerDone {
+        vmid: VmId,
+        action: PowerAction,
+    },
     Renewed {
         certificate: String,
         serial: String,
@@ -112,7 +119,10 @@ mod tests {
         let vmid = VmId::new(100).unwrap();
         let cases = [
             (Request::ListVms, r#"{"op":"list_vms"}"#),
-            (Request::VmStatus { vmid }, r#"{"op":"vm_status","vmid":100}"#),
+            (
+                Request::VmStatus { vmid },
+                r#"{"op":"vm_status","vmid":100}"#,
+            ),
             (
                 Request::Power {
                     vmid,

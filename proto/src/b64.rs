@@ -8,8 +8,8 @@ pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
 }
 
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-    let text = <&str>::deserialize(d)
-        .map_err(|_| serde::de::Error::custom("expected a base64 string"))?;
+    let text =
+        <&str>::deserialize(d).map_err(|_| serde::de::Error::custom("expected a base64 string"))?;
     STANDARD
         .decode(text)
         .map_err(|_| serde::de::Error::custom("invalid base64"))

@@ -60,7 +60,9 @@ pub fn parse_connect_head(head: &[u8]) -> Result<ConnectRequest, ConnectError> {
         return Err(ConnectError::TooLarge);
     }
     let text = std::str::from_utf8(head).map_err(|_| ConnectError::NotText)?;
-    let text = text.strip_suffix("\r\n\r\n").ok_or(ConnectError::Incomplete)?;
+    let text = text
+        .strip_suffix("\r\n\r\n")
+        .ok_or(ConnectError::Incomplete)?;
     let mut lines = text.split("\r\n");
     let request_line = lines.next().ok_or(ConnectError::BadRequestLine)?;
 

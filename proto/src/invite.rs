@@ -56,9 +56,9 @@ impl FromStr for Invitation {
         let (left, fp) = rest
             .rsplit_once('/')
             .ok_or(InviteError::Damaged("no CA fingerprint"))?;
-        let hex_part = fp
-            .strip_prefix("SHA256:")
-            .ok_or(InviteError::Damaged("the CA fingerprint must start with SHA256:"))?;
+        let hex_part = fp.strip_prefix("SHA256:").ok_or(InviteError::Damaged(
+            "the CA fingerprint must start with SHA256:",
+        ))?;
         let bytes =
             hex::decode(hex_part).map_err(|_| InviteError::Damaged("bad CA fingerprint"))?;
         let ca_fingerprint: [u8; 32] = bytes
@@ -110,7 +110,10 @@ mod tests {
         let s = inv.to_string();
         assert_eq!(
             s,
-            format!("zerospice-invite:v1:alice@10.147.17.5:7444/SHA256:{}", "ab".repeat(32))
+            format!(
+                "zerospice-invite:v1:alice@10.147.17.5:7444/SHA256:{}",
+                "ab".repeat(32)
+            )
         );
         assert_eq!(s.parse::<Invitation>().unwrap(), inv);
         assert_eq!(format!("  {s}\n").parse::<Invitation>().unwrap(), inv);
@@ -123,7 +126,10 @@ mod tests {
 
     #[test]
     fn damaged_invitations_say_so() {
-        let good = format!("zerospice-invite:v1:alice@gw.lan:7444/SHA256:{}", "ab".repeat(32));
+        let good = format!(
+            "zerospice-invite:v1:alice@gw.lan:7444/SHA256:{}",
+            "ab".repeat(32)
+        );
         assert!(good.parse::<Invitation>().is_ok());
         let e = |s: &str| s.parse::<Invitation>().unwrap_err().to_string();
         assert_eq!(

@@ -11,7 +11,10 @@
 //!   [`access::Request`] frame and gets one [`access::Response`] frame. A `Tunnel` request that is
 //!   answered `TunnelReady` turns the stream into a raw byte pipe for one SPICE channel.
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod access;
 pub mod b64;

@@ -118,7 +118,9 @@ mod tests {
         let id = SessionId::from_bytes([0xab; 16]);
         assert_eq!(id.as_str(), "abababababababababababababababab");
         assert_eq!(id.as_str().parse::<SessionId>().unwrap(), id);
-        assert!("ABABABABABABABABABABABABABABABAB".parse::<SessionId>().is_err());
+        assert!("ABABABABABABABABABABABABABABABAB"
+            .parse::<SessionId>()
+            .is_err());
         assert!("abab".parse::<SessionId>().is_err());
         assert!(serde_json::from_str::<SessionId>("\"../../etc/passwd\"").is_err());
     }

@@ -1,4 +1,5 @@
 #![forbid(unsafe_code)]
 
 pub mod echo;
+pub mod harness;
 pub mod pve;

@@ -1,0 +1,689 @@
+//! Enrollment: the decision (pure code on `now`, inside one write transaction) and the QUIC stream
+//! handler around it.
+//!
+//! Order of checks, and why:
+//! 1. Shape: names, CSR, proof of possession over the gateway's nonce, hardware attestation.
+//!    Nothing here touches a code or a counter, and none of it reveals whether the user exists.
+//! 2. In one `BEGIN IMMEDIATE` transaction: source-address lockout, user lockout, the TOTP code
+//!    (unknown users are checked against a dummy secret and answered exactly like a wrong code),
+//!    the user's key policy, then issuing: the code's time step is consumed and the certificate is
+//!    recorded in the same commit, with `synchronous=FULL`, before the answer is sent. Two
+//!    concurrent requests with one code serialise on the transaction: exactly one certificate.
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use zerospice_ca::csr::CsrError;
+use zerospice_ca::{
+    CertificateAuthority, ClientCertRequest, DeviceName, IssuedCertificate, KeyProvenance,
+    NameError, UserName, ValidatedCsr,
+};
+use zerospice_proto::enroll::{self as wire, EnrollRequest, KeyClaim};
+use zerospice_proto::{ErrorCode, WireError};
+
+use crate::store::{AuditEvent, NewCertificate, Scope, Store, StoreError, Tx, UserRecord};
+use crate::totp::{self, CodeRefusal, LockoutPolicy, TotpSecret};
+
+/// What the gateway decided to refuse, with the reason the audit log records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    BadName(NameError),
+    BadCsr(CsrError),
+    Attestation(String),
+    UnknownUser,
+    WrongCode,
+    ReusedCode,
+    UserLocked(u64),
+    AddressLocked(u64),
+    HardwareRequired,
+    KeyRule(String),
+    Internal(String),
+}
+
+impl Refusal {
+    /// The answer a remote caller gets. Unknown user, wrong code and reused code are the same.
+    pub fn wire(&self) -> WireError {
+        match self {
+            Refusal::BadName(e) => WireError::new(ErrorCode::BadName, e.to_string()),
+            Refusal::BadCsr(e) => WireError::new(ErrorCode::BadCsr, e.to_string()),
+            Refusal::Attestation(m) => WireError::new(ErrorCode::AttestationRejected, m.clone()),
+            Refusal::UnknownUser | Refusal::WrongCode | Refusal::ReusedCode => {
+                WireError::new(ErrorCode::WrongCode, "wrong or expired code")
+            }
+            Refusal::UserLocked(s) | Refusal::AddressLocked(s) => WireError::rate_limited(*s),
+            Refusal::HardwareRequired => WireError::new(
+                ErrorCode::HardwareKeyRequired,
+                "this user must enroll with a hardware key (YubiKey): use --key yubikey",
+            ),
+            Refusal::KeyRule(m) => WireError::new(ErrorCode::AttestationRejected, m.clone()),
+            Refusal::Internal(_) => WireError::new(
+                ErrorCode::Internal,
+                "the gateway failed to issue a certificate (see its log)",
+            ),
+        }
+    }
+
+    /// The reason as the audit log records it.
+    pub fn audit_reason(&self) -> String {
+        match self {
+            Refusal::BadName(e) => format!("bad_name: {e}"),
+            Refusal::BadCsr(e) => format!("bad_csr: {e}"),
+            Refusal::Attestation(m) => format!("attestation: {m}"),
+            Refusal::UnknownUser => "unknown_user".into(),
+            Refusal::WrongCode => "wrong_code".into(),
+            Refusal::ReusedCode => "reused_code".into(),
+            Refusal::UserLocked(s) => format!("user_locked ({s} s left)"),
+            Refusal::AddressLocked(s) => format!("address_locked ({s} s left)"),
+            Refusal::HardwareRequired => "hardware_key_required".into(),
+            Refusal::KeyRule(m) => format!("key_rule: {m}"),
+            Refusal::Internal(m) => format!("internal: {m}"),
+        }
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        Refusal::Internal(e.to_string())
+    }
+}
+
+/// A hardware key claim that attestation verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttestedKey {
+    pub serial: u32,
+    pub firmware: (u8, u8, u8),
+    /// `never`, `once` or `always`.
+    pub pin_policy: String,
+    /// `never`, `always` or `cached`.
+    pub touch_policy: String,
+}
+
+/// Verifies a hardware key claim against the CSR's public key.
+pub trait AttestationCheck: Send + Sync {
+    fn verify(
+        &self,
+        csr: &ValidatedCsr,
+        attestation: &[u8],
+        chain: &[Vec<u8>],
+        now: OffsetDateTime,
+    ) -> Result<AttestedKey, String>;
+}
+
+/// A request whose shape has been checked.
+#[derive(Debug)]
+pub struct Prepared {
+    user: UserName,
+    device: DeviceName,
+    csr: ValidatedCsr,
+    key: KeyProvenance,
+    attested: Option<AttestedKey>,
+}
+
+pub struct Enrollment {
+    pub store: Arc<Store>,
+    pub ca: Arc<CertificateAuthority>,
+    pub validity: time::Duration,
+    pub user_policy: LockoutPolicy,
+    pub address_policy: LockoutPolicy,
+    pub access_addr: String,
+    pub attestation: Arc<dyn AttestationCheck>,
+    /// Compared against when the user does not exist, so the work done is the same.
+    dummy_secret: TotpSecret,
+}
+
+impl Enrollment {
+    pub fn new(
+        store: Arc<Store>,
+        ca: Arc<CertificateAuthority>,
+        config: &crate::config::Config,
+        access_addr: String,
+        attestation: Arc<dyn AttestationCheck>,
+    ) -> Result<Self, ring::error::Unspecified> {
+        Ok(Self {
+            store,
+            ca,
+            validity: time::Duration::days(config.certificates.validity_days.into()),
+            user_policy: config.enrollment.user_policy(),
+            address_policy: config.enrollment.address_policy(),
+            access_addr,
+            attestation,
+            dummy_secret: TotpSecret::generate()?,
+        })
+    }
+
+    /// Step 1: checks the request's shape against the nonce this stream was given.
+    pub fn prepare(
+        &self,
+        req: &EnrollRequest,
+        nonce: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<Prepared, Refusal> {
+        let user = UserName::new(&req.user).map_err(Refusal::BadName)?;
+        let device = DeviceName::new(&req.device).map_err(Refusal::BadName)?;
+        let csr = ValidatedCsr::parse(&req.csr).map_err(Refusal::BadCsr)?;
+        csr.verify_proof(&wire::proof_message(nonce, &req.csr), &req.proof)
+            .map_err(Refusal::BadCsr)?;
+        let (key, attested) = match &req.key {
+            KeyClaim::Software => (KeyProvenance::Software, None),
+            KeyClaim::Yubikey { attestation, chain } => {
+                let a = self
+                    .attestation
+                    .verify(&csr, attestation, chain, now)
+                    .map_err(Refusal::Attestation)?;
+                (KeyProvenance::Yubikey { serial: a.serial }, Some(a))
+            }
+        };
+        Ok(Prepared {
+            user,
+            device,
+            csr,
+            key,
+            attested,
+        })
+    }
+
+    /// Step 2: the code, the counters, the policy and the certificate, in one transaction.
+    /// Every outcome is audited in the same transaction.
+    pub fn decide(
+        &self,
+        p: &Prepared,
+        code: &str,
+        peer: IpAddr,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, Refusal> {
+        let t = now.unix_timestamp();
+        let peer_key = peer.to_string();
+        let result = self.store.write(|tx| {
+            let outcome = self.decide_in(tx, p, code, &peer_key, now);
+            let mut event = AuditEvent {
+                user: Some(p.user.to_string()),
+                device: Some(p.device.to_string()),
+                peer: Some(peer_key.clone()),
+                ..Default::default()
+            };
+            match &outcome {
+                Ok(issued) => {
+                    event.event = "enroll.issued";
+                    event.serial = Some(issued.serial.to_string());
+                    event.detail = serde_json::json!({
+                        "key": p.key.kind(),
+                        "hardware_serial": p.key.hardware_serial(),
+                        "pin_policy": p.attested.as_ref().map(|a| a.pin_policy.clone()),
+                        "touch_policy": p.attested.as_ref().map(|a| a.touch_policy.clone()),
+                        "not_after": issued.not_after,
+                    });
+                }
+                Err(Refusal::Internal(_)) => return Ok(outcome),
+                Err(r) => {
+                    event.event = "enroll.refused";
+                    event.detail = serde_json::json!({ "reason": r.audit_reason() });
+                }
+            }
+            tx.audit(t, &event)?;
+            Ok::<_, StoreError>(outcome)
+        });
+        match result {
+            Ok(outcome) => outcome,
+            Err(e) => Err(Refusal::Internal(e.to_string())),
+        }
+    }
+
+    fn decide_in(
+        &self,
+        tx: &Tx<'_>,
+        p: &Prepared,
+        code: &str,
+        peer: &str,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, Refusal> {
+        let t = now.unix_timestamp();
+        let addr_state = tx.failure(Scope::Address, peer)?;
+        if let Some(left) = addr_state.locked_for(t) {
+            return Err(Refusal::AddressLocked(left));
+        }
+        let user = tx.user(p.user.as_str())?;
+        let user_state = match &user {
+            Some(_) => {
+                let st = tx.failure(Scope::User, p.user.as_str())?;
+                if let Some(left) = st.locked_for(t) {
+                    return Err(Refusal::UserLocked(left));
+                }
+                Some(st)
+            }
+            None => None,
+        };
+
+        let checked = match &user {
+            Some(u) => totp::check_code(&u.totp_secret, code, t, u.last_totp_step),
+            None => {
+                let _ = totp::check_code(&self.dummy_secret, code, t, None);
+                Err(CodeRefusal::Wrong)
+            }
+        };
+        let (user, step) = match (user, checked) {
+            (Some(u), Ok(step)) => (u, step),
+            (user, Err(why)) => {
+                tx.set_failure(
+                    Scope::Address,
+                    peer,
+                    addr_state.after_failure(&self.address_policy, t),
+                    t,
+                )?;
+                if let Some(st) = user_state {
+                    tx.set_failure(
+                        Scope::User,
+                        p.user.as_str(),
+                        st.after_failure(&self.user_policy, t),
+                        t,
+                    )?;
+                }
+                return Err(match (user.is_some(), why) {
+                    (false, _) => Refusal::UnknownUser,
+                    (true, CodeRefusal::Reused) => Refusal::ReusedCode,
+                    (true, CodeRefusal::Wrong) => Refusal::WrongCode,
+                });
+            }
+            (None, Ok(_)) => return Err(Refusal::UnknownUser),
+        };
+
+        check_key_rules(&user, p)?;
+
+        let issued = self
+            .ca
+            .issue_client(&ClientCertRequest {
+                csr: &p.csr,
+                user: &p.user,
+                device: &p.device,
+                key: p.key,
+                now,
+                validity: self.validity,
+            })
+            .map_err(|e| Refusal::Internal(e.to_string()))?;
+        tx.insert_certificate(&NewCertificate {
+            serial: issued.serial.to_string(),
+            user: p.user.to_string(),
+            device: p.device.to_string(),
+            fingerprint: issued.fingerprint.to_string(),
+            key_fingerprint: issued.key_fingerprint.to_string(),
+            key_kind: p.key.kind().to_string(),
+            hardware_serial: p.key.hardware_serial(),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+            issued_at: t,
+            der: issued.der.clone(),
+        })?;
+        tx.consume_step(p.user.as_str(), step)?;
+        tx.clear_failures(Scope::User, p.user.as_str())?;
+        tx.clear_failures(Scope::Address, peer)?;
+        Ok(issued)
+    }
+
+    /// Serves one enrollment stream: `Begin` -> `Challenge` -> `Request` -> answer.
+    pub async fn handle_stream(
+        self: &Arc<Self>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        peer: IpAddr,
+    ) {
+        let outcome =
+            tokio::time::timeout(STREAM_TIMEOUT, self.exchange(&mut send, &mut recv, peer))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(WireError::new(
+                        ErrorCode::BadRequest,
+                        "enrollment timed out: the request did not arrive in time",
+                    ))
+                });
+        let reply = match outcome {
+            Ok(enrolled) => wire::ServerMsg::Issued(enrolled),
+            Err(e) => wire::ServerMsg::Error(e),
+        };
+        let _ = zerospice_proto::io::write_frame(
+            &mut send,
+            &reply,
+            zerospice_proto::frame::MAX_RESPONSE_FRAME,
+        )
+        .await;
+        let _ = send.finish();
+        let _ = recv.stop(0u32.into());
+        // Give the peer a moment to read the answer before the stream is dropped.
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    }
+
+    async fn exchange(
+        self: &Arc<Self>,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        peer: IpAddr,
+    ) -> Result<wire::Enrolled, WireError> {
+        use zerospice_proto::frame::{MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
+        use zerospice_proto::io::{read_frame, write_frame};
+        let bad = |e: zerospice_proto::io::IoFrameError| WireError::bad_request(e);
+
+        match read_frame::<wire::ClientMsg, _>(recv, MAX_REQUEST_FRAME)
+            .await
+            .map_err(bad)?
+        {
+            wire::ClientMsg::Begin { version } if version == zerospice_proto::PROTOCOL_VERSION => {}
+            wire::ClientMsg::Begin { version } => {
+                return Err(WireError::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "protocol version {version} is not supported (this gateway speaks {})",
+                        zerospice_proto::PROTOCOL_VERSION
+                    ),
+                ))
+            }
+            wire::ClientMsg::Request(_) => {
+                return Err(WireError::bad_request("expected begin"));
+            }
+        }
+        let nonce = random_nonce().map_err(|_| Refusal::Internal("rng".into()).wire())?;
+        write_frame(
+            send,
+            &wire::ServerMsg::Challenge {
+                nonce: nonce.to_vec(),
+            },
+            MAX_RESPONSE_FRAME,
+        )
+        .await
+        .map_err(bad)?;
+        let req = match read_frame::<wire::ClientMsg, _>(recv, MAX_REQUEST_FRAME)
+            .await
+            .map_err(bad)?
+        {
+            wire::ClientMsg::Request(r) => r,
+            wire::ClientMsg::Begin { .. } => {
+                return Err(WireError::bad_request("expected request"));
+            }
+        };
+
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let now = OffsetDateTime::now_utc();
+            let prepared = match this.prepare(&req, &nonce, now) {
+                Ok(p) => p,
+                Err(r) => {
+                    // Shape failures are audited too (no counters move).
+                    let _ = this.store.audit(
+                        now.unix_timestamp(),
+                        &AuditEvent {
+                            event: "enroll.refused",
+                            user: Some(req.user.chars().take(64).collect()),
+                            peer: Some(peer.to_string()),
+                            detail: serde_json::json!({ "reason": r.audit_reason() }),
+                            ..Default::default()
+                        },
+                    );
+                    return Err(r);
+                }
+            };
+            let issued = this.decide(&prepared, req.code.expose(), peer, now)?;
+            Ok(wire::Enrolled {
+                user: prepared.user.to_string(),
+                device: prepared.device.to_string(),
+                serial: issued.serial.to_string(),
+                certificate: issued.pem(),
+                ca: this.ca.cert_pem(),
+                not_after: issued.not_after,
+                access: this.access_addr.clone(),
+            })
+        })
+        .await
+        .map_err(|e| Refusal::Internal(e.to_string()).wire())?
+        .map_err(|r| {
+            if let Refusal::Internal(m) = &r {
+                tracing::error!(error = %m, "enrollment failed inside the gateway");
+            }
+            r.wire()
+        })
+    }
+}
+
+/// Bound on one enrollment exchange.
+pub const STREAM_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn random_nonce() -> Result<[u8; wire::NONCE_LEN], ring::error::Unspecified> {
+    let mut n = [0u8; wire::NONCE_LEN];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut n)?;
+    Ok(n)
+}
+
+fn check_key_rules(user: &UserRecord, p: &Prepared) -> Result<(), Refusal> {
+    let policy = &user.policy;
+    let Some(a) = &p.attested else {
+        if policy.require_hardware {
+            return Err(Refusal::HardwareRequired);
+        }
+        return Ok(());
+    };
+    let rules = &policy.key_rules;
+    if !rules.allowed_serials.is_empty() && !rules.allowed_serials.contains(&a.serial) {
+        return Err(Refusal::KeyRule(format!(
+            "YubiKey {} is not one of the keys allowed for this user",
+            a.serial
+        )));
+    }
+    if let Some(min) = &rules.min_pin_policy {
+        if rank(&a.pin_policy, &["never", "once", "always"])
+            < rank(min, &["never", "once", "always"])
+        {
+            return Err(Refusal::KeyRule(format!(
+                "the key's PIN policy is {:?}, this user requires at least {:?}: regenerate the key with --pin-policy {min}",
+                a.pin_policy, min
+            )));
+        }
+    }
+    if let Some(min) = &rules.min_touch_policy {
+        let order = ["never", "cached", "always"];
+        if rank(&a.touch_policy, &order) < rank(min, &order) {
+            return Err(Refusal::KeyRule(format!(
+                "the key's touch policy is {:?}, this user requires at least {:?}: regenerate the key with --touch-policy {min}",
+                a.touch_policy, min
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn rank(v: &str, order: &[&str]) -> usize {
+    order.iter().position(|o| *o == v).unwrap_or(0)
+}
+
+/// An attestation check that refuses every hardware claim (no roots configured).
+pub struct NoAttestation;
+
+impl AttestationCheck for NoAttestation {
+    fn verify(
+        &self,
+        _: &ValidatedCsr,
+        _: &[u8],
+        _: &[Vec<u8>],
+        _: OffsetDateTime,
+    ) -> Result<AttestedKey, String> {
+        Err("this gateway trusts no attestation roots".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::UserPolicy;
+    use zerospice_ca::keys::{KeyAlgorithm, Signer, SoftwareKey};
+    use zerospice_proto::Redacted;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        svc: Enrollment,
+        secret_bytes: Vec<u8>,
+    }
+
+    fn fixture(policy: UserPolicy) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::create(&dir.path().join("state.db")).unwrap());
+        let (ca, _) = CertificateAuthority::generate(OffsetDateTime::now_utc()).unwrap();
+        let secret = TotpSecret::generate().unwrap();
+        store.add_user("alice", &secret, &policy, 0).unwrap();
+        let svc = Enrollment {
+            store,
+            ca: Arc::new(ca),
+            validity: time::Duration::days(7),
+            user_policy: LockoutPolicy::USER,
+            address_policy: LockoutPolicy::ADDRESS,
+            access_addr: "127.0.0.1:7443".into(),
+            attestation: Arc::new(NoAttestation),
+            dummy_secret: TotpSecret::generate().unwrap(),
+        };
+        Fixture {
+            _dir: dir,
+            secret_bytes: secret.expose_bytes().to_vec(),
+            svc,
+        }
+    }
+
+    fn request(user: &str, nonce: &[u8]) -> EnrollRequest {
+        let key = SoftwareKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let csr = zerospice_ca::csr::build_csr(&key, user).unwrap();
+        let proof = key.sign(&wire::proof_message(nonce, &csr)).unwrap();
+        EnrollRequest {
+            user: user.into(),
+            code: Redacted::new(String::new()),
+            device: "laptop".into(),
+            csr,
+            key: KeyClaim::Software,
+            proof,
+        }
+    }
+
+    fn at(t: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(t).unwrap()
+    }
+
+    const T0: i64 = 1_800_000_000;
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 9));
+
+    impl Fixture {
+        fn code(&self, t: i64) -> String {
+            TotpSecret::from_bytes(self.secret_bytes.clone()).code_at_step(totp::step_of(t))
+        }
+        fn enroll(&self, user: &str, code: &str, t: i64) -> Result<IssuedCertificate, Refusal> {
+            let nonce = [9u8; 32];
+            let p = self.svc.prepare(&request(user, &nonce), &nonce, at(t))?;
+            self.svc.decide(&p, code, PEER, at(t))
+        }
+    }
+
+    #[test]
+    fn right_code_issues_once() {
+        let f = fixture(UserPolicy::default());
+        let code = f.code(T0);
+        let issued = f.enroll("alice", &code, T0).unwrap();
+        let rec = f
+            .svc
+            .store
+            .certificate(&issued.serial.to_string())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (rec.user.as_str(), rec.device.as_str()),
+            ("alice", "laptop")
+        );
+        assert_eq!(f.enroll("alice", &code, T0 + 5), Err(Refusal::ReusedCode));
+        assert_eq!(
+            f.enroll("alice", &code, T0 + 5).unwrap_err().wire().message,
+            "wrong or expired code"
+        );
+        // The next step's code works.
+        f.enroll("alice", &f.code(T0 + 30), T0 + 30).unwrap();
+    }
+
+    #[test]
+    fn unknown_user_looks_like_a_wrong_code() {
+        let f = fixture(UserPolicy::default());
+        let unknown = f.enroll("mallory", &f.code(T0), T0).unwrap_err();
+        let wrong = f.enroll("alice", "000000", T0).unwrap_err();
+        assert_eq!(unknown, Refusal::UnknownUser);
+        assert_eq!(unknown.wire(), wrong.wire());
+        let log = f.svc.store.audit_log(10, None).unwrap();
+        let reasons: Vec<_> = log
+            .iter()
+            .map(|r| r.detail["reason"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert!(reasons.contains(&"unknown_user".to_string()));
+        assert!(reasons.contains(&"wrong_code".to_string()));
+    }
+
+    #[test]
+    fn lockout_after_five_failures_even_for_the_right_code() {
+        let f = fixture(UserPolicy::default());
+        for i in 0..5 {
+            assert_eq!(
+                f.enroll("alice", "000000", T0 + i),
+                Err(Refusal::WrongCode),
+                "attempt {i}"
+            );
+        }
+        let locked = f.enroll("alice", &f.code(T0 + 5), T0 + 5).unwrap_err();
+        assert_eq!(locked, Refusal::UserLocked(60 - 1));
+        assert_eq!(locked.wire().message, "too many attempts, retry after 59 s");
+        // After the lockout, the right code works and resets the counter.
+        f.enroll("alice", &f.code(T0 + 64), T0 + 64).unwrap();
+    }
+
+    #[test]
+    fn address_lockout_covers_many_user_names() {
+        let f = fixture(UserPolicy::default());
+        for i in 0..10 {
+            let _ = f.enroll(&format!("u{i}"), "123456", T0);
+        }
+        assert_eq!(
+            f.enroll("alice", &f.code(T0), T0),
+            Err(Refusal::AddressLocked(60))
+        );
+    }
+
+    #[test]
+    fn hardware_requirement_refuses_software_keys_without_burning_the_code() {
+        let f = fixture(UserPolicy {
+            require_hardware: true,
+            ..Default::default()
+        });
+        let code = f.code(T0);
+        let e = f.enroll("alice", &code, T0).unwrap_err();
+        assert_eq!(e, Refusal::HardwareRequired);
+        assert_eq!(e.wire().code, ErrorCode::HardwareKeyRequired);
+        assert!(f.svc.store.certificates(None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn proof_must_cover_this_nonce() {
+        let f = fixture(UserPolicy::default());
+        let req = request("alice", &[1u8; 32]);
+        assert_eq!(
+            f.svc.prepare(&req, &[2u8; 32], at(T0)).unwrap_err(),
+            Refusal::BadCsr(CsrError::BadProof)
+        );
+        let mut bad = request("alice", &[1u8; 32]);
+        bad.csr = b"junk".to_vec();
+        assert_eq!(
+            f.svc.prepare(&bad, &[1u8; 32], at(T0)).unwrap_err(),
+            Refusal::BadCsr(CsrError::Malformed)
+        );
+        let mut name = request("alice", &[1u8; 32]);
+        name.user = "alice,O=x".into();
+        assert!(matches!(
+            f.svc.prepare(&name, &[1u8; 32], at(T0)).unwrap_err(),
+            Refusal::BadName(_)
+        ));
+        let mut hw = request("alice", &[1u8; 32]);
+        hw.key = KeyClaim::Yubikey {
+            attestation: vec![],
+            chain: vec![],
+        };
+        assert!(matches!(
+            f.svc.prepare(&hw, &[1u8; 32], at(T0)).unwrap_err(),
+            Refusal::Attestation(_)
+        ));
+    }
+}

@@ -13,3 +13,6 @@ pub mod paths;
 pub mod server;
 pub mod store;
 pub mod totp;
+pub mod proxmox;
+pub mod policy;
+pub mod sessions;

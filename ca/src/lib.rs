@@ -16,6 +16,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod attestation;
 pub mod authority;
 pub mod csr;
 pub mod fingerprint;

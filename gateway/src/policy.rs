@@ -32,7 +32,11 @@ pub fn not_available(vmid: VmId) -> WireError {
 }
 
 /// The VM, if this user may use it.
-pub fn find<'a>(policy: &UserPolicy, guests: &'a [Guest], vmid: VmId) -> Result<&'a Guest, WireError> {
+pub fn find<'a>(
+    policy: &UserPolicy,
+    guests: &'a [Guest],
+    vmid: VmId,
+) -> Result<&'a Guest, WireError> {
     guests
         .iter()
         .find(|g| g.vmid == vmid && may_use(policy, g))
@@ -46,7 +50,9 @@ pub fn may_power(policy: &UserPolicy, vmid: VmId) -> Result<(), WireError> {
     } else {
         Err(WireError::new(
             ErrorCode::NotAllowed,
-            format!("you may not start or shut down VM {vmid}: ask your administrator for power rights"),
+            format!(
+                "you may not start or shut down VM {vmid}: ask your administrator for power rights"
+            ),
         ))
     }
 }
@@ -90,7 +96,9 @@ mod tests {
         let absent = find(&p, &guests[..3], VmId::new(103).unwrap()).unwrap_err();
         assert_eq!(forbidden, absent);
         assert_eq!(
-            find(&p, &guests, VmId::new(999).unwrap()).unwrap_err().message,
+            find(&p, &guests, VmId::new(999).unwrap())
+                .unwrap_err()
+                .message,
             "VM 999 does not exist or is not available to you"
         );
     }

@@ -81,10 +81,7 @@ impl ProxmoxError {
 
 fn first_line(s: &str, max: usize) -> String {
     let line = s.lines().next().unwrap_or("").trim();
-    line.chars()
-        .filter(|c| !c.is_control())
-        .take(max)
-        .collect()
+    line.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
 /// A guest as `/cluster/resources?type=vm` lists it.
@@ -135,7 +132,8 @@ impl std::fmt::Debug for SpiceTicket {
 }
 
 /// The effective privileges of the token: path -> privilege names.
-pub type Permissions = std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>;
+pub type Permissions =
+    std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>;
 
 pub struct ProxmoxClient {
     http: reqwest::Client,
@@ -205,11 +203,11 @@ impl ProxmoxClient {
                 detail: e,
             })?
         } else if let Some(fp) = &cfg.fingerprint {
-            let fp: Fingerprint = fp
-                .parse()
-                .map_err(|e: zerospice_ca::fingerprint::InvalidFingerprint| {
-                    SetupError::Fingerprint(e.to_string())
-                })?;
+            let fp: Fingerprint =
+                fp.parse()
+                    .map_err(|e: zerospice_ca::fingerprint::InvalidFingerprint| {
+                        SetupError::Fingerprint(e.to_string())
+                    })?;
             Arc::new(PinnedCert::new(fp))
         } else if cfg.danger_accept_invalid_certs {
             tracing::warn!(
@@ -432,7 +430,11 @@ impl ProxmoxClient {
     }
 
     fn vm_path(node: &str, vmid: VmId, rest: &str) -> Result<String, ProxmoxError> {
-        if node.is_empty() || !node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+        if node.is_empty()
+            || !node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
             return Err(ProxmoxError::BadResponse(format!("bad node name {node:?}")));
         }
         Ok(format!("/nodes/{node}/qemu/{vmid}{rest}"))
@@ -650,8 +652,7 @@ pub fn check_ticket(host: &str, vmid: VmId, tls_port: u16) -> Result<(), String>
     };
     let hex = |s: &str, n: usize| {
         s.len() == n
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     if !hex(time, 8)
@@ -724,7 +725,12 @@ impl ServerCertVerifier for PinnedCert {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -732,7 +738,12 @@ impl ServerCertVerifier for PinnedCert {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider

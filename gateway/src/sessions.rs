@@ -74,7 +74,9 @@ impl EndReason {
 pub enum ChannelRefusal {
     Unknown,
     /// Another certificate's session (reported to the caller exactly like `Unknown`).
-    NotYours { owner_user: String },
+    NotYours {
+        owner_user: String,
+    },
     Pending,
     Expired,
     Mismatch(TargetMismatch),
@@ -87,10 +89,9 @@ impl ChannelRefusal {
                 ErrorCode::SessionUnknown,
                 "no such session for this certificate: open a new one",
             ),
-            ChannelRefusal::Pending => WireError::new(
-                ErrorCode::SessionUnknown,
-                "the session is not ready yet",
-            ),
+            ChannelRefusal::Pending => {
+                WireError::new(ErrorCode::SessionUnknown, "the session is not ready yet")
+            }
             ChannelRefusal::Expired => WireError::new(
                 ErrorCode::SessionExpired,
                 "the session expired before the viewer connected: open a new one",
@@ -103,7 +104,9 @@ impl ChannelRefusal {
     pub fn audit_reason(&self) -> String {
         match self {
             ChannelRefusal::Unknown => "unknown_session".into(),
-            ChannelRefusal::NotYours { owner_user } => format!("session_of_other_user ({owner_user})"),
+            ChannelRefusal::NotYours { owner_user } => {
+                format!("session_of_other_user ({owner_user})")
+            }
             ChannelRefusal::Pending => "pending".into(),
             ChannelRefusal::Expired => "expired".into(),
             ChannelRefusal::Mismatch(m) => format!("connect_mismatch: {m}"),
@@ -220,7 +223,13 @@ impl SessionTable {
     }
 
     /// Fills in the ticket of a reserved session; its window starts now.
-    pub fn activate(&mut self, id: &SessionId, target: SpiceTarget, now: Instant, window: Duration) -> bool {
+    pub fn activate(
+        &mut self,
+        id: &SessionId,
+        target: SpiceTarget,
+        now: Instant,
+        window: Duration,
+    ) -> bool {
         match self.sessions.get_mut(id) {
             Some(s) => {
                 s.target = Some(target);
@@ -268,7 +277,13 @@ impl SessionTable {
 
     /// Records a closed channel; returns the session if that was its last channel and its window
     /// passed (the session ends).
-    pub fn channel_closed(&mut self, id: &SessionId, up: u64, down: u64, now: Instant) -> Option<Session> {
+    pub fn channel_closed(
+        &mut self,
+        id: &SessionId,
+        up: u64,
+        down: u64,
+        now: Instant,
+    ) -> Option<Session> {
         let s = self.sessions.get_mut(id)?;
         s.channels_open = s.channels_open.saturating_sub(1);
         s.bytes_up += up;
@@ -326,7 +341,10 @@ mod tests {
     }
     fn target(vmid: u32) -> SpiceTarget {
         SpiceTarget {
-            ticket: format!("pvespiceproxy:00000000:{vmid}:pve:61000::{}", "a".repeat(40)),
+            ticket: format!(
+                "pvespiceproxy:00000000:{vmid}:pve:61000::{}",
+                "a".repeat(40)
+            ),
             tls_port: 61000,
         }
     }
@@ -335,7 +353,13 @@ mod tests {
         parse_connect_head(format!("CONNECT {a} HTTP/1.0\r\nHost: {a}\r\n\r\n").as_bytes()).unwrap()
     }
 
-    fn open(t: &mut SessionTable, id: u8, vmid: u32, o: Owner, now: Instant) -> Result<Vec<(Session, EndReason)>, InUse> {
+    fn open(
+        t: &mut SessionTable,
+        id: u8,
+        vmid: u32,
+        o: Owner,
+        now: Instant,
+    ) -> Result<Vec<(Session, EndReason)>, InUse> {
         let ended = t.reserve(sid(id), vm(vmid), o, now, 1_800_000_000, W)?;
         assert!(t.activate(&sid(id), target(vmid), now, W));
         Ok(ended)
@@ -349,13 +373,18 @@ mod tests {
         let e = open(&mut t, 2, 100, owner(2, "bb", "bob"), t0).unwrap_err();
         assert_eq!(e.user, "alice");
         let msg = e.wire(vm(100)).message;
-        assert!(msg.starts_with("VM 100 is in use by alice on d since 2027-01-15 08:00 UTC"), "{msg}");
+        assert!(
+            msg.starts_with("VM 100 is in use by alice on d since 2027-01-15 08:00 UTC"),
+            "{msg}"
+        );
         // Another VM is fine.
         open(&mut t, 3, 101, owner(2, "bb", "bob"), t0).unwrap();
         // After alice's window passes without a channel, bob may open.
         let later = t0 + W + Duration::from_secs(1);
         let ended = open(&mut t, 4, 100, owner(2, "bb", "bob"), later).unwrap();
-        assert!(ended.iter().any(|(s, r)| s.id == sid(1) && *r == EndReason::Idle));
+        assert!(ended
+            .iter()
+            .any(|(s, r)| s.id == sid(1) && *r == EndReason::Idle));
     }
 
     #[test]
@@ -398,7 +427,12 @@ mod tests {
         assert!(t.authorize(&sid(1), "aa", "k-aa", &c100, t0).is_ok());
         // Bob's certificate on Alice's session: refused, and indistinguishable from unknown.
         let e = t.authorize(&sid(1), "bb", "k-bb", &c100, t0).unwrap_err();
-        assert_eq!(e, ChannelRefusal::NotYours { owner_user: "alice".into() });
+        assert_eq!(
+            e,
+            ChannelRefusal::NotYours {
+                owner_user: "alice".into()
+            }
+        );
         assert_eq!(e.wire(), ChannelRefusal::Unknown.wire());
         // Same serial, other key: refused.
         assert!(t.authorize(&sid(1), "aa", "k-other", &c100, t0).is_err());
@@ -414,8 +448,14 @@ mod tests {
         );
         // Past the window with no channel: expired.
         assert_eq!(
-            t.authorize(&sid(1), "aa", "k-aa", &c100, t0 + W + Duration::from_millis(1))
-                .unwrap_err(),
+            t.authorize(
+                &sid(1),
+                "aa",
+                "k-aa",
+                &c100,
+                t0 + W + Duration::from_millis(1)
+            )
+            .unwrap_err(),
             ChannelRefusal::Expired
         );
     }
@@ -424,12 +464,16 @@ mod tests {
     fn a_pending_session_reserves_the_vm_but_takes_no_channel() {
         let t0 = Instant::now();
         let mut t = SessionTable::default();
-        t.reserve(sid(1), vm(100), owner(1, "aa", "alice"), t0, 0, W).unwrap();
+        t.reserve(sid(1), vm(100), owner(1, "aa", "alice"), t0, 0, W)
+            .unwrap();
         assert_eq!(
-            t.authorize(&sid(1), "aa", "k-aa", &connect(&target(100)), t0).unwrap_err(),
+            t.authorize(&sid(1), "aa", "k-aa", &connect(&target(100)), t0)
+                .unwrap_err(),
             ChannelRefusal::Pending
         );
-        assert!(t.reserve(sid(2), vm(100), owner(2, "bb", "bob"), t0, 0, W).is_err());
+        assert!(t
+            .reserve(sid(2), vm(100), owner(2, "bb", "bob"), t0, 0, W)
+            .is_err());
     }
 
     #[test]

@@ -63,8 +63,8 @@
 //! so the work is bounded by [`MAX_ISSUERS`] times the number of candidates.
 //!
 //! # Built-in trust
-//! [`AttestationRoots::yubico`] trusts "Yubico PIV Root CA Serial 263751" (the 2018 issue, pathlen
-//! 1) and "Yubico Attestation Root 1" (firmware 5.7.4 and later), and knows the Root 1
+//! [`AttestationRoots::yubico`] trusts "Yubico PIV Root CA Serial 263751" (the 2018 issue,
+//! pathlen 1) and "Yubico Attestation Root 1" (firmware 5.7.4 and later), and knows the Root 1
 //! intermediates that 5.7.4+ devices do not carry, so a client only needs to send its f9
 //! certificate. The U2F root that some early YubiKey 4 f9s chain to is not trusted (see
 //! `ca/roots/README.md`).
@@ -404,7 +404,7 @@ fn parse_pem_certs(pem: &str) -> Result<Vec<Vec<u8>>, AttestationError> {
         crate::pem::certificates(pem).map_err(|e| AttestationError::RootPem(e.to_string()))?;
     for (i, der) in certs.iter().enumerate() {
         match X509Certificate::from_der(der) {
-            Ok((rest, _)) if rest.is_empty() => {}
+            Ok((&[], _)) => {}
             _ => return Err(AttestationError::BadRoot(i)),
         }
     }
@@ -603,7 +603,7 @@ fn parse_exact(der: &[u8]) -> Option<X509Certificate<'_>> {
         return None;
     }
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Some(cert),
+        Ok((&[], cert)) => Some(cert),
         _ => None,
     }
 }
@@ -990,7 +990,7 @@ mod tests {
         assert_eq!(
             verify(
                 &s.slot,
-                &[s.f9.clone()],
+                std::slice::from_ref(&s.f9),
                 &spki_of(&s.slot),
                 &root1_only,
                 NOW
@@ -1105,7 +1105,7 @@ mod tests {
         let roots = AttestationRoots::yubico();
         let s = sample(2);
         let other = spki_of(&sample(4).slot);
-        let err = verify(&s.slot, &[s.f9.clone()], &other, &roots, NOW).unwrap_err();
+        let err = verify(&s.slot, std::slice::from_ref(&s.f9), &other, &roots, NOW).unwrap_err();
         assert_eq!(err, AttestationError::KeyMismatch);
         assert_eq!(
             err.to_string(),
@@ -1155,7 +1155,7 @@ mod tests {
         assert_eq!(
             verify(
                 &s7.slot,
-                &[s7.f9.clone()],
+                std::slice::from_ref(&s7.f9),
                 &spki_of(&s7.slot),
                 &roots,
                 datetime!(2024-11-30 00:00 UTC)
@@ -1170,7 +1170,7 @@ mod tests {
         let spki = spki_of(&s.slot);
         let err = verify(
             &s.slot,
-            &[s.f9.clone()],
+            std::slice::from_ref(&s.f9),
             &spki,
             &AttestationRoots::empty(),
             NOW,
@@ -1195,7 +1195,7 @@ mod tests {
         let mut trailing = s.slot.clone();
         trailing.push(0);
         assert_eq!(
-            verify(&trailing, &[s.f9.clone()], &spki, &roots, NOW),
+            verify(&trailing, std::slice::from_ref(&s.f9), &spki, &roots, NOW),
             Err(AttestationError::TrailingData)
         );
         assert_eq!(
@@ -1210,7 +1210,14 @@ mod tests {
         );
         // Every truncation and a flipped bit anywhere: an error, never a panic or a success.
         for n in 0..s.slot.len() {
-            assert!(verify(&s.slot[..n], &[s.f9.clone()], &spki, &roots, NOW).is_err());
+            assert!(verify(
+                &s.slot[..n],
+                std::slice::from_ref(&s.f9),
+                &spki,
+                &roots,
+                NOW
+            )
+            .is_err());
         }
         for n in 0..s.f9.len() {
             assert!(verify(&s.slot, &[s.f9[..n].to_vec()], &spki, &roots, NOW).is_err());
@@ -1219,7 +1226,7 @@ mod tests {
             let mut bad = s.slot.clone();
             bad[i] ^= 0x10;
             assert!(
-                verify(&bad, &[s.f9.clone()], &spki, &roots, NOW).is_err(),
+                verify(&bad, std::slice::from_ref(&s.f9), &spki, &roots, NOW).is_err(),
                 "byte {i}"
             );
         }
@@ -1396,7 +1403,7 @@ mod tests {
         let att = slot_cert(&f9, "9a", yubico_exts(Some(12345678), [2, 1]));
         let a = verify(
             &att.der,
-            &[f9.der.clone()],
+            std::slice::from_ref(&f9.der),
             &spki_of(&att.der),
             &roots_with(&root),
             NOW,
@@ -1412,7 +1419,7 @@ mod tests {
         assert_eq!(
             verify(
                 &att.der,
-                &[f9.der.clone()],
+                std::slice::from_ref(&f9.der),
                 &spki_of(&att.der),
                 &AttestationRoots::yubico(),
                 NOW
@@ -1428,7 +1435,7 @@ mod tests {
         let att = slot_cert(&f9, "9a", yubico_exts(None, [2, 1]));
         let err = verify(
             &att.der,
-            &[f9.der.clone()],
+            std::slice::from_ref(&f9.der),
             &spki_of(&att.der),
             &roots_with(&root),
             NOW,
@@ -1441,7 +1448,7 @@ mod tests {
         assert!(matches!(
             verify(
                 &att.der,
-                &[f9.der.clone()],
+                std::slice::from_ref(&f9.der),
                 &spki_of(&att.der),
                 &roots_with(&root),
                 NOW
@@ -1452,7 +1459,7 @@ mod tests {
         let att = slot_cert(&f9, "9a", yubico_exts(Some(7), [0, 0]));
         let a = verify(
             &att.der,
-            &[f9.der.clone()],
+            std::slice::from_ref(&f9.der),
             &spki_of(&att.der),
             &roots_with(&root),
             NOW,
@@ -1595,7 +1602,7 @@ mod tests {
         assert!(matches!(
             verify(
                 &att.der,
-                &[f9.der.clone()],
+                std::slice::from_ref(&f9.der),
                 &spki_of(&att.der),
                 &roots_with(&root),
                 NOW
@@ -1614,7 +1621,7 @@ mod tests {
         assert!(matches!(
             verify(
                 &att.der,
-                &[f9.der.clone()],
+                std::slice::from_ref(&f9.der),
                 &spki_of(&att.der),
                 &roots_with(&root),
                 NOW
@@ -1633,7 +1640,14 @@ mod tests {
         crit.set_criticality(true);
         exts.push(crit);
         let att = slot_cert(&f9, "9a", exts);
-        let err = verify(&att.der, &[f9.der.clone()], &spki_of(&att.der), &roots, NOW).unwrap_err();
+        let err = verify(
+            &att.der,
+            std::slice::from_ref(&f9.der),
+            &spki_of(&att.der),
+            &roots,
+            NOW,
+        )
+        .unwrap_err();
         assert_eq!(
             err,
             AttestationError::UnknownCriticalExtension {
@@ -1650,7 +1664,13 @@ mod tests {
             KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
         );
         assert_eq!(
-            verify(&att.der, &[f9.der.clone()], &spki_of(&att.der), &roots, NOW),
+            verify(
+                &att.der,
+                std::slice::from_ref(&f9.der),
+                &spki_of(&att.der),
+                &roots,
+                NOW
+            ),
             Err(AttestationError::AttestationIsCa)
         );
         // A duplicated Yubico extension.
@@ -1658,7 +1678,13 @@ mod tests {
         exts.push(CustomExtension::from_oid_content(YUBICO_POLICY, vec![3, 2]));
         let att = slot_cert(&f9, "9a", exts);
         assert!(matches!(
-            verify(&att.der, &[f9.der.clone()], &spki_of(&att.der), &roots, NOW),
+            verify(
+                &att.der,
+                std::slice::from_ref(&f9.der),
+                &spki_of(&att.der),
+                &roots,
+                NOW
+            ),
             Err(AttestationError::DuplicateExtension(_))
         ));
     }
@@ -1701,7 +1727,7 @@ mod tests {
         let att = slot_cert(&f9, "9a", yubico_exts(Some(1), [2, 1]));
         let err = verify(
             &att.der,
-            &[f9.der.clone()],
+            std::slice::from_ref(&f9.der),
             &spki_of(&att.der),
             &roots_with(&anchor),
             NOW,

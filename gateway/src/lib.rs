@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod access;
 pub mod admin;
 pub mod audit;
 pub mod config;
@@ -13,6 +14,8 @@ pub mod paths;
 pub mod policy;
 pub mod proxmox;
 pub mod server;
+pub mod service;
 pub mod sessions;
 pub mod store;
 pub mod totp;
+pub mod tunnel;

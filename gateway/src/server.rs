@@ -191,11 +191,40 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Ends sessions whose window passed without a channel, so they are audited promptly.
+pub async fn sweep_sessions(state: Arc<crate::access::AccessState>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        interval.tick().await;
+        let ended = state.sessions().sweep(std::time::Instant::now());
+        if !ended.is_empty() {
+            state.sessions_ended(ended).await;
+        }
+    }
+}
+
+/// The Proxmox client of the configuration, if one is configured.
+pub fn proxmox_client(
+    cfg: &Config,
+    config_path: &std::path::Path,
+) -> anyhow::Result<Option<Arc<crate::proxmox::ProxmoxClient>>> {
+    let Some(p) = &cfg.proxmox else {
+        warn!(
+            "no [proxmox] section in the configuration: agents can enroll but not list or open VMs"
+        );
+        return Ok(None);
+    };
+    let client = crate::proxmox::ProxmoxClient::from_config(p, config_path)
+        .context("setting up the Proxmox client")?;
+    Ok(Some(Arc::new(client)))
+}
+
 /// Runs the gateway until SIGINT/SIGTERM.
 pub async fn serve(paths: &Paths) -> anyhow::Result<()> {
     let loaded = Loaded::load(paths)?;
     let cfg = &loaded.config;
     let identity = server_identity(&loaded.ca)?;
+    let proxmox = proxmox_client(cfg, &paths.config)?;
 
     let enrollment = Arc::new(
         Enrollment::new(
@@ -213,7 +242,23 @@ pub async fn serve(paths: &Paths) -> anyhow::Result<()> {
         ca = %loaded.ca.fingerprint(),
         "enrollment endpoint listening"
     );
-    let enroll_task = tokio::spawn(run_enrollment(enroll_ep.clone(), enrollment));
+    let access_ep = bind_endpoint(
+        cfg.listen.access,
+        crate::access::access_server_config(identity, &loaded.ca, &cfg.sessions)?,
+    )?;
+    info!(addr = %access_ep.local_addr()?, "access endpoint listening");
+    let state = crate::access::AccessState::new(
+        loaded.store.clone(),
+        loaded.ca.clone(),
+        cfg.clone(),
+        proxmox,
+    );
+    let tasks = [
+        tokio::spawn(run_enrollment(enroll_ep.clone(), enrollment)),
+        tokio::spawn(crate::access::run_access(access_ep.clone(), state.clone())),
+        tokio::spawn(crate::access::watch_revocations(state.clone())),
+        tokio::spawn(sweep_sessions(state.clone())),
+    ];
     info!(
         enroll = %cfg.public_enroll_addr(),
         access = %cfg.public_access_addr(),
@@ -222,8 +267,16 @@ pub async fn serve(paths: &Paths) -> anyhow::Result<()> {
 
     shutdown_signal().await;
     info!("shutting down");
-    enroll_ep.close(close::SHUTDOWN.into(), b"gateway shutting down");
-    let _ = tokio::time::timeout(Duration::from_secs(3), enroll_ep.wait_idle()).await;
-    enroll_task.abort();
+    for ep in [&enroll_ep, &access_ep] {
+        ep.close(close::SHUTDOWN.into(), b"gateway shutting down");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        enroll_ep.wait_idle().await;
+        access_ep.wait_idle().await;
+    })
+    .await;
+    for t in tasks {
+        t.abort();
+    }
     Ok(())
 }

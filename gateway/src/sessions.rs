@@ -123,16 +123,21 @@ pub struct InUse {
 }
 
 impl InUse {
-    pub fn wire(&self, vmid: VmId) -> WireError {
-        WireError::new(
-            ErrorCode::VmInUse,
+    /// What the asking user sees. Another user's name and device are not theirs to know (the
+    /// audit trail records them); the user's own other device is named.
+    pub fn wire(&self, vmid: VmId, asker: &str) -> WireError {
+        let since = zerospice_ca::identity::format_unix(self.since_unix);
+        let message = if asker == self.user {
             format!(
-                "VM {vmid} is in use by {} on {} since {}: it has one console, and opening it would disconnect them. Ask them to close their viewer",
-                self.user,
-                self.device,
-                zerospice_ca::identity::format_unix(self.since_unix)
-            ),
-        )
+                "VM {vmid} is already open from your device {} since {since}: close that viewer first (opening it here would disconnect it)",
+                self.device
+            )
+        } else {
+            format!(
+                "VM {vmid} is in use by another user since {since}: it has one console, and opening it would disconnect them. Try again when they have closed their viewer"
+            )
+        };
+        WireError::new(ErrorCode::VmInUse, message)
     }
 }
 
@@ -372,10 +377,15 @@ mod tests {
         open(&mut t, 1, 100, owner(1, "aa", "alice"), t0).unwrap();
         let e = open(&mut t, 2, 100, owner(2, "bb", "bob"), t0).unwrap_err();
         assert_eq!(e.user, "alice");
-        let msg = e.wire(vm(100)).message;
-        assert!(
-            msg.starts_with("VM 100 is in use by alice on d since 2027-01-15 08:00 UTC"),
-            "{msg}"
+        let msg = e.wire(vm(100), "bob").message;
+        assert_eq!(
+            msg,
+            "VM 100 is in use by another user since 2027-01-15 08:00 UTC: it has one console, and opening it would disconnect them. Try again when they have closed their viewer"
+        );
+        assert!(!msg.contains("alice"));
+        assert_eq!(
+            e.wire(vm(100), "alice").message,
+            "VM 100 is already open from your device d since 2027-01-15 08:00 UTC: close that viewer first (opening it here would disconnect it)"
         );
         // Another VM is fine.
         open(&mut t, 3, 101, owner(2, "bb", "bob"), t0).unwrap();

@@ -72,6 +72,9 @@ pub struct HelloInfo {
     pub serial: String,
     pub not_after: i64,
     pub gateway_version: String,
+    /// The agent renews its certificate once less than this many seconds of it remain.
+    #[serde(default)]
+    pub renew_before_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

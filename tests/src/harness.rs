@@ -127,6 +127,13 @@ impl Proc {
         }
     }
 
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// Sends a signal.
     pub fn signal(&self, sig: Signal) {
         if let Some(pid) = self.pid() {

@@ -2,4 +2,5 @@
 
 pub mod echo;
 pub mod harness;
+pub mod lab;
 pub mod pve;

@@ -1,0 +1,186 @@
+//! Mutual-TLS access and the certificate-bound tunnel, end to end with the real binaries:
+//! `zerospice-gateway serve` against the Proxmox stand-in, `zerospice-agent` with enrolled
+//! profiles, and clients speaking CONNECT to the agent's local proxy as remote-viewer does.
+use std::time::Duration;
+
+use zerospice_tests::lab::{agent_err, agent_ok, connect_through, echo_round_trip, Connected, Lab};
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_lists_its_vms_and_tunnels_several_channels_byte_exact() {
+    let lab = Lab::start().await.unwrap();
+    // alice may use 100 by id, the `lab` pool (102, 104, template 105, container 200) and the
+    // `windows` tag (100 again); 101 and 103 are not hers.
+    let alice = lab
+        .user(
+            "alice",
+            &["--vm", "100", "--pool", "lab", "--tag", "windows"],
+        )
+        .unwrap();
+
+    let out = agent_ok(&alice, &["--json", "list"]).unwrap();
+    let vms: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<u64> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vmid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [100, 102, 104],
+        "templates, containers and other VMs are hidden"
+    );
+    assert_eq!(vms[0]["name"], "win11");
+    assert_eq!(vms[0]["status"], "running");
+    assert_eq!(vms[0]["spice"], true);
+    assert_eq!(vms[1]["spice"], false, "102 has a std display");
+    assert_eq!(vms[2]["node"], "pve2");
+    assert_eq!(vms[0]["power"], false);
+    let text = agent_ok(&alice, &["list"]).unwrap();
+    assert!(text.contains("win11"), "{text}");
+
+    // Four channels at once (as remote-viewer opens main, display, inputs, cursor), 1 MiB each
+    // way, through agent -> QUIC -> gateway -> spiceproxy -> echo.
+    let conn = Connected::start(&alice, 100).unwrap();
+    let mut tasks = Vec::new();
+    for seed in 0..4u8 {
+        let s = conn.channel().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let data = pattern(1 << 20, seed);
+            let got = echo_round_trip(s, &data).await.unwrap();
+            assert!(
+                got == data,
+                "channel {seed}: {} bytes back, not byte-exact",
+                got.len()
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(lab.echo.connections(), 4);
+    // The gateway dialled the stand-in's spiceproxy with the session's ticket, once per channel.
+    let connects = lab.pve.connects();
+    assert_eq!(connects.len(), 4, "{connects:?}");
+
+    // A VM on another node goes through the same spiceproxy (it relays in the cluster).
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conn = Connected::start(&alice, 104).unwrap();
+    assert!(conn.host.contains(":104:pve2:"), "{}", conn.host);
+    let got = echo_round_trip(conn.channel().await.unwrap(), b"hello 104")
+        .await
+        .unwrap();
+    assert_eq!(got, b"hello 104");
+    drop(conn);
+
+    // Each channel is in the audit trail with its byte counts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let audit = lab.audit().unwrap();
+    let closed: Vec<&serde_json::Value> = audit
+        .iter()
+        .filter(|r| r["event"] == "channel.closed" && r["detail"]["vmid"] == 100)
+        .collect();
+    assert_eq!(closed.len(), 4, "{audit:#?}");
+    for r in closed {
+        assert_eq!(r["user"], "alice");
+        assert_eq!(r["device"], "laptop");
+        assert_eq!(r["detail"]["bytes_up"], 1 << 20);
+        assert_eq!(r["detail"]["bytes_down"], 1 << 20);
+        assert!(r["detail"]["duration_ms"].is_u64());
+    }
+    assert!(audit.iter().any(|r| r["event"] == "session.ended"
+        && r["detail"]["vmid"] == 100
+        && r["detail"]["channels"] == 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_outside_the_policy_are_refused_with_clear_errors() {
+    let lab = Lab::start().await.unwrap();
+    let bob = lab.user("bob", &["--vm", "100", "--vm", "101"]).unwrap();
+
+    // A VM outside the policy and a VM that does not exist look the same.
+    let e = agent_err(&bob, &["connect", "103", "--no-viewer"]).unwrap();
+    assert!(
+        e.contains("error: VM 103 does not exist or is not available to you"),
+        "{e}"
+    );
+    let e = agent_err(&bob, &["status", "999"]).unwrap();
+    assert!(
+        e.contains("error: VM 999 does not exist or is not available to you"),
+        "{e}"
+    );
+    // A stopped VM, and power actions without the grant.
+    let e = agent_err(&bob, &["connect", "101", "--no-viewer"]).unwrap();
+    assert!(
+        e.contains("error: VM 101 (debian12) is stopped: ask your administrator to start it"),
+        "{e}"
+    );
+    let e = agent_err(&bob, &["start", "101"]).unwrap();
+    assert!(
+        e.contains(
+            "error: you may not start or shut down VM 101: ask your administrator for power rights"
+        ),
+        "{e}"
+    );
+    assert!(
+        !lab.pve
+            .calls()
+            .iter()
+            .any(|c| c.method == "POST" && c.path.contains("/status/")),
+        "no power call reached Proxmox"
+    );
+    // With the grant, start works and the VM can then be opened.
+    lab.admin(&[
+        "user", "set", "bob", "--vm", "100", "--vm", "101", "--power",
+    ])
+    .unwrap();
+    let out = agent_ok(&bob, &["start", "101"]).unwrap();
+    assert!(out.contains("VM 101: start done."), "{out}");
+    let conn = Connected::start(&bob, 101).unwrap();
+    assert!(conn.host.contains(":101:"));
+    drop(conn);
+
+    let audit = lab.audit().unwrap();
+    assert!(audit
+        .iter()
+        .any(|r| r["event"] == "vm.power_refused" && r["user"] == "bob"));
+    assert!(audit
+        .iter()
+        .any(|r| r["event"] == "vm.power" && r["detail"]["ok"] == true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_local_proxy_serves_only_its_own_session() {
+    let lab = Lab::start().await.unwrap();
+    let alice = lab.user("alice", &["--vm", "100", "--vm", "101"]).unwrap();
+    let conn = Connected::start(&alice, 100).unwrap();
+
+    // Another target entirely, and another VM's ticket shape: refused by the agent itself.
+    let (_, answer) = connect_through(conn.proxy, "192.168.1.10:22", "192.168.1.10:22")
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.0 403 Forbidden"), "{answer}");
+    assert!(answer.contains("this ZeroSpice proxy only reaches its own SPICE session"));
+    let other = conn.authority().replace(":100:", ":101:");
+    let (_, answer) = connect_through(conn.proxy, &other, &other).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.0 403"), "{answer}");
+    // The right request line with another Host.
+    let (_, answer) = connect_through(conn.proxy, &conn.authority(), "evil:1")
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.0 403"), "{answer}");
+    assert_eq!(lab.pve.connects().len(), 0, "nothing reached spiceproxy");
+
+    // The real channel still works.
+    let got = echo_round_trip(conn.channel().await.unwrap(), b"ok")
+        .await
+        .unwrap();
+    assert_eq!(got, b"ok");
+}

@@ -175,6 +175,19 @@ async fn connect_cmd(
 ) -> anyhow::Result<()> {
     let mut creds = load(cli)?;
     let client = Arc::new(connect(&mut creds).await?);
+    let outcome = session(cli, &client, vmid, viewer_path, no_viewer, print_vv).await;
+    client.close().await;
+    outcome
+}
+
+async fn session(
+    cli: &Cli,
+    client: &Arc<Client>,
+    vmid: VmId,
+    viewer_path: Option<PathBuf>,
+    no_viewer: bool,
+    print_vv: bool,
+) -> anyhow::Result<()> {
     let grant = client.open_session(vmid).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let proxy = LocalProxy::start(client.clone(), &grant, tx)
@@ -250,7 +263,6 @@ async fn connect_cmd(
         let _ = c.wait().await;
     }
     drop(proxy);
-    client.close().await;
     outcome
 }
 
@@ -271,10 +283,30 @@ async fn interrupted() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Connect {
+        vmid,
+        viewer,
+        no_viewer,
+        print_vv,
+    } = &cli.command
+    {
+        return connect_cmd(&cli, *vmid, viewer.clone(), *no_viewer, *print_vv).await;
+    }
+    let mut creds = load(&cli)?;
+    let client = match cli.command {
+        // An explicit renewal does not first renew automatically.
+        Cmd::Renew => Client::connect(&creds).await?,
+        _ => connect(&mut creds).await?,
+    };
+    // Whatever happens, close the connection so the gateway releases it at once.
+    let result = one_shot(&cli, &client, &mut creds).await;
+    client.close().await;
+    result
+}
+
+async fn one_shot(cli: &Cli, client: &Client, creds: &mut Credentials) -> anyhow::Result<()> {
     match &cli.command {
         Cmd::Whoami => {
-            let mut creds = load(&cli)?;
-            let client = connect(&mut creds).await?;
             let h = &client.hello;
             let info = Whoami {
                 user: &h.user,
@@ -299,59 +331,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     format_unix(info.not_after)
                 );
             }
-            client.close().await;
         }
         Cmd::List => {
-            let mut creds = load(&cli)?;
-            let client = connect(&mut creds).await?;
             let vms = client.list_vms().await?;
             if cli.json {
                 print_json(&vms)?;
             } else {
                 print_vms(&vms);
             }
-            client.close().await;
         }
         Cmd::Status { vmid } => {
-            let mut creds = load(&cli)?;
-            let client = connect(&mut creds).await?;
             let vm = client.vm_status(*vmid).await?;
             if cli.json {
                 print_json(&vm)?;
             } else {
                 print_vms(std::slice::from_ref(&vm));
             }
-            client.close().await;
         }
-        Cmd::Connect {
-            vmid,
-            viewer,
-            no_viewer,
-            print_vv,
-        } => connect_cmd(&cli, *vmid, viewer.clone(), *no_viewer, *print_vv).await?,
         Cmd::Start { vmid } | Cmd::Shutdown { vmid } => {
             let action = if matches!(cli.command, Cmd::Start { .. }) {
                 PowerAction::Start
             } else {
                 PowerAction::Shutdown
             };
-            let mut creds = load(&cli)?;
-            let client = connect(&mut creds).await?;
             client.power(*vmid, action).await?;
             println!("VM {vmid}: {} done.", action.as_str());
-            client.close().await;
         }
         Cmd::Renew => {
-            let mut creds = load(&cli)?;
-            let client = Client::connect(&creds).await?;
-            let r = renew::renew(&client, &mut creds).await?;
+            let r = renew::renew(client, creds).await?;
             println!(
                 "Renewed: serial {}, valid until {}.",
                 r.serial,
                 format_unix(r.not_after)
             );
-            client.close().await;
         }
+        Cmd::Connect { .. } => unreachable!("handled in run"),
     }
     Ok(())
 }

@@ -482,22 +482,26 @@ pub async fn watch_revocations(state: Arc<AccessState>) {
                 Some(r) => r,
                 None => continue,
             };
+            state.end_revoked(&serial).await;
             for c in conns {
                 c.close(
                     refusal.close_code().into(),
                     &reason_bytes(&refusal.message()),
                 );
             }
-            let ended = state.sessions().end_serial(&serial);
-            state
-                .sessions_ended(ended.into_iter().map(|s| (s, EndReason::Revoked)).collect())
-                .await;
             info!(%serial, "revoked certificate: connections closed");
         }
     }
 }
 
 impl AccessState {
+    /// Ends (and audits) every session of a revoked certificate.
+    async fn end_revoked(&self, serial: &str) {
+        let ended = self.sessions().end_serial(serial);
+        self.sessions_ended(ended.into_iter().map(|s| (s, EndReason::Revoked)).collect())
+            .await;
+    }
+
     async fn recheck_serial(&self, serial: &str) -> Option<AccessRefusal> {
         let store = self.store.clone();
         let s = serial.to_owned();
@@ -673,6 +677,7 @@ async fn handle_stream(
     if let Err(r) = state.recheck(&peer).await {
         let code = r.close_code();
         let message = r.message();
+        state.end_revoked(&peer.serial).await;
         refuse(send, recv, r.wire()).await;
         conn.close(code.into(), &reason_bytes(&message));
         return;

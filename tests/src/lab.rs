@@ -306,3 +306,167 @@ pub fn first_line_matching(text: &str, pred: impl Fn(&str) -> bool) -> Option<St
         .map_while(Result::ok)
         .find(|l| pred(l))
 }
+
+// ---- crafted certificates and raw clients, for the attack tests ----
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use zerospice_ca::{
+    CertificateAuthority, ClientCertRequest, DeviceName, IssuedCertificate, KeyProvenance, Signer,
+    SoftwareKey, UserName, ValidatedCsr,
+};
+use zerospice_proto::access::{Request, Response};
+use zerospice_proto::frame::{MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME};
+
+impl Lab {
+    /// The gateway's CA (loaded from its state directory, as the gateway does).
+    pub fn ca(&self) -> anyhow::Result<CertificateAuthority> {
+        let paths = zerospice_gateway::paths::Paths::new(self.home.path().to_path_buf(), None);
+        zerospice_gateway::server::load_ca(&paths)
+    }
+
+    /// The access endpoint's address.
+    pub fn access_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.home.access_port))
+    }
+
+    /// Records a certificate in the gateway's database, as enrollment would.
+    pub fn record(
+        &self,
+        issued: &IssuedCertificate,
+        user: &str,
+        device: &str,
+    ) -> anyhow::Result<()> {
+        let store = zerospice_gateway::store::Store::open(&self.home.db())?;
+        store.write(|tx| {
+            tx.insert_certificate(&zerospice_gateway::store::NewCertificate {
+                serial: issued.serial.to_string(),
+                user: user.into(),
+                device: device.into(),
+                fingerprint: issued.fingerprint.to_string(),
+                key_fingerprint: issued.key_fingerprint.to_string(),
+                key_kind: "software".into(),
+                hardware_serial: None,
+                not_before: issued.not_before,
+                not_after: issued.not_after,
+                issued_at: issued.not_before,
+                der: issued.der.clone(),
+            })
+        })?;
+        Ok(())
+    }
+
+    /// A copy of profile `base` whose certificate and key are replaced by `issued` and `key`.
+    pub fn profile_with(
+        &self,
+        base: &Path,
+        name: &str,
+        issued: &IssuedCertificate,
+        key: &SoftwareKey,
+    ) -> anyhow::Result<PathBuf> {
+        use zerospice_enroll::profile::{ProfileDir, CA_FILE, CERT_FILE, KEY_FILE};
+        let src = ProfileDir::new(base);
+        let mut profile = src.load()?;
+        let dst = ProfileDir::new(self.home.path().join(name));
+        dst.create()?;
+        dst.write_public(CA_FILE, &std::fs::read_to_string(src.file(CA_FILE))?)?;
+        dst.write_public(CERT_FILE, &issued.pem())?;
+        dst.write_private(KEY_FILE, key.to_pem().as_bytes())?;
+        profile.serial = issued.serial.to_string();
+        profile.not_after = issued.not_after;
+        dst.save(&profile)?;
+        Ok(dst.dir)
+    }
+}
+
+/// Issues a client certificate for `user@device` from `ca`, valid from `now` for `validity`.
+pub fn client_cert(
+    ca: &CertificateAuthority,
+    key: &SoftwareKey,
+    user: &str,
+    device: &str,
+    now: time::OffsetDateTime,
+    validity: time::Duration,
+) -> anyhow::Result<IssuedCertificate> {
+    let csr = zerospice_ca::csr::build_csr(key, user)?;
+    let csr = ValidatedCsr::parse(&csr)?;
+    Ok(ca.issue_client(&ClientCertRequest {
+        csr: &csr,
+        user: &UserName::new(user)?,
+        device: &DeviceName::new(device)?,
+        key: KeyProvenance::Software,
+        now,
+        validity,
+    })?)
+}
+
+/// A fresh P-256 software key.
+pub fn new_key() -> SoftwareKey {
+    SoftwareKey::generate(zerospice_ca::KeyAlgorithm::EcdsaP256).expect("key")
+}
+
+/// A QUIC connection to the access endpoint with any (or no) client certificate. The result of
+/// the handshake as the client saw it; refusals of the certificate usually arrive with the first
+/// request.
+pub async fn raw_connect(
+    addr: SocketAddr,
+    ca_der: &[u8],
+    client: Option<(Vec<u8>, Arc<dyn Signer>)>,
+) -> Result<quinn::Connection, String> {
+    let cfg = match client {
+        Some((cert, signer)) => zerospice_enroll::tls::access_client_config(ca_der, cert, signer)
+            .map_err(|e| e.to_string())?,
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(rustls_pki_types::CertificateDer::from(ca_der.to_vec()))
+                .map_err(|e| e.to_string())?;
+            let mut tls =
+                rustls::ClientConfig::builder_with_provider(zerospice_enroll::tls::provider())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .map_err(|e| e.to_string())?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+            tls.alpn_protocols = vec![zerospice_proto::ALPN_ACCESS.to_vec()];
+            quinn::ClientConfig::new(Arc::new(
+                quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+                    .map_err(|e| e.to_string())?,
+            ))
+        }
+    };
+    let endpoint = zerospice_enroll::tls::client_endpoint(addr).map_err(|e| e.to_string())?;
+    let connecting = endpoint
+        .connect_with(cfg, addr, zerospice_proto::GATEWAY_SERVER_NAME)
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(WAIT, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("handshake timed out".into()),
+    }
+}
+
+/// Sends one request on a new stream and returns the raw answer bytes (frame included), or
+/// the connection error.
+pub async fn raw_request(conn: &quinn::Connection, req: &Request) -> Result<Vec<u8>, String> {
+    let io = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let frame =
+            zerospice_proto::frame::encode(req, MAX_REQUEST_FRAME).map_err(|e| e.to_string())?;
+        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        recv.read_to_end(MAX_RESPONSE_FRAME + 4)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(WAIT, io).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err(conn.close_reason().map(|r| r.to_string()).unwrap_or(e)),
+        Err(_) => Err("no answer".into()),
+    }
+}
+
+/// Decodes a raw answer.
+pub fn decode(bytes: &[u8]) -> anyhow::Result<Response> {
+    Ok(zerospice_proto::frame::decode::<Response>(bytes, MAX_RESPONSE_FRAME)?.0)
+}

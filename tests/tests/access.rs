@@ -184,3 +184,81 @@ async fn the_local_proxy_serves_only_its_own_session() {
         .unwrap();
     assert_eq!(got, b"ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_agent_renews_its_certificate_before_it_expires() {
+    use time::OffsetDateTime;
+    use zerospice_tests::lab::{client_cert, new_key};
+    let lab = Lab::start().await.unwrap();
+    let alice = lab.user("alice", &["--vm", "100"]).unwrap();
+    // A certificate issued 6 days ago for 7 days: one day left, inside the 48 h window.
+    let key = new_key();
+    let old = client_cert(
+        &lab.ca().unwrap(),
+        &key,
+        "alice",
+        "laptop",
+        OffsetDateTime::now_utc() - time::Duration::days(6),
+        time::Duration::days(7),
+    )
+    .unwrap();
+    lab.record(&old, "alice", "laptop").unwrap();
+    let profile = lab.profile_with(&alice, "aging", &old, &key).unwrap();
+
+    let out = zerospice_tests::lab::agent(&profile, &["list"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Renewed this device's certificate: valid until "),
+        "{err}"
+    );
+
+    // The profile now holds a new certificate for the same key, valid 7 days, that an
+    // independent verifier accepts.
+    let dir = zerospice_enroll::profile::ProfileDir::new(&profile);
+    let p = dir.load().unwrap();
+    assert_ne!(p.serial, old.serial.to_string());
+    let (der, id) = dir.certificate().unwrap();
+    assert_eq!(id.key_fingerprint, old.key_fingerprint);
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    assert!(id.not_after - now > 6 * 86_400, "{}", id.not_after - now);
+    assert_eq!(p.not_after, id.not_after);
+    let crt = dir.file("client.crt");
+    let ca = lab.home.path().join("ca.crt");
+    let verify = std::process::Command::new("openssl")
+        .args([
+            "verify",
+            "-CAfile",
+            ca.to_str().unwrap(),
+            "-purpose",
+            "sslclient",
+        ])
+        .arg(&crt)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    assert_ne!(der, old.der);
+    let audit = lab.audit().unwrap();
+    assert!(audit.iter().any(|r| r["event"] == "cert.renewed"
+        && r["serial"] == p.serial.as_str()
+        && r["detail"]["previous"] == old.serial.to_string().as_str()));
+
+    // The renewed certificate works, and is not renewed again.
+    let out = zerospice_tests::lab::agent(&profile, &["list"]).unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("Renewed"));
+    // A renewal right after an issue is refused (a looping agent cannot fill the database).
+    let e = agent_err(&profile, &["renew"]).unwrap();
+    assert!(
+        e.contains("error: your certificate was issued less than 10 minutes ago; renew later"),
+        "{e}"
+    );
+}

@@ -804,6 +804,47 @@ mod tests {
         assert!(r.is_empty());
     }
 
+    /// A leaf signed by the ZeroSpice CA key but without any EKU: WebPKI alone accepts it for
+    /// client auth; the profile check must not. The CA certificate itself is refused too.
+    #[test]
+    fn the_verifier_refuses_leaves_without_client_auth_and_the_ca_itself() {
+        use rcgen::{CertificateParams, Issuer, KeyPair, SanType};
+        let now = OffsetDateTime::now_utc();
+        let (ca, ca_key_pem) = CertificateAuthority::generate(now).unwrap();
+        let ca_key = KeyPair::from_pem(&ca_key_pem).unwrap();
+        let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(ca.cert_der()), ca_key).unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "alice");
+        p.subject_alt_names = vec![
+            SanType::URI("zerospice://user/alice/device/laptop".try_into().unwrap()),
+            SanType::URI("zerospice://key/software".try_into().unwrap()),
+        ];
+        let leaf_key = KeyPair::generate().unwrap();
+        let no_eku = p.signed_by(&leaf_key, &issuer).unwrap();
+        let v = AccessClientVerifier::new(ca.cert_der()).unwrap();
+        let t = UnixTime::now();
+        let e = v
+            .verify_client_cert(no_eku.der(), &[], t)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::InvalidPurpose)
+        );
+        // The same leaf with clientAuth passes: the check above is the EKU, nothing else.
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let good = p.signed_by(&leaf_key, &issuer).unwrap();
+        assert!(v.verify_client_cert(good.der(), &[], t).is_ok());
+        // The CA certificate presented as a client certificate.
+        assert!(v
+            .verify_client_cert(&CertificateDer::from(ca.cert_der()), &[], t)
+            .is_err());
+        // Intermediates are never accepted.
+        assert!(v
+            .verify_client_cert(good.der(), &[CertificateDer::from(ca.cert_der())], t)
+            .is_err());
+    }
+
     #[test]
     fn close_reasons_fit_one_packet() {
         let long = AccessRefusal::Revoked {

@@ -8,6 +8,7 @@
 pub mod access;
 pub mod admin;
 pub mod audit;
+pub mod check;
 pub mod config;
 pub mod enrollment;
 pub mod paths;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use zerospice_gateway::admin::{self, InitOptions, Out, ProxmoxInit, RevokeTarget};
+use zerospice_gateway::check;
 use zerospice_gateway::paths::{Paths, DEFAULT_DIR};
 use zerospice_gateway::store::UserPolicy;
 
@@ -61,6 +62,13 @@ enum Command {
     },
     /// Run the gateway (enrollment and access endpoints) until SIGINT/SIGTERM.
     Serve,
+    /// Preflight: check files, database, listening addresses and Proxmox (token, certificate pin,
+    /// privileges of the token on every VM a user may use, SPICE displays, spiceproxy).
+    ///
+    /// Every problem comes with the command that fixes it. Exits 1 when a check fails, so it
+    /// fits a deployment script or a systemd ExecStartPre=.
+    #[command(verbatim_doc_comment)]
+    Check,
 }
 
 #[derive(Args)]
@@ -278,6 +286,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(zerospice_gateway::server::serve(&paths))
+        }
+        Command::Check => {
+            let config = zerospice_gateway::config::Config::load(&paths.config)
+                .with_context(|| format!("reading {}", paths.config.display()))?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let findings = rt.block_on(check::gather(&paths, &config));
+            let findings = check::evaluate(&findings);
+            if out.json {
+                serde_json::to_writer_pretty(&mut *out.w, &findings)?;
+                writeln!(out.w)?;
+            } else {
+                write!(out.w, "{}", check::render(&findings))?;
+            }
+            if check::failed(&findings) {
+                anyhow::bail!("preflight failed: fix the problems above");
+            }
+            Ok(())
         }
     }
 }

@@ -530,6 +530,26 @@ impl ProxmoxClient {
         }
     }
 
+    /// `GET /access/permissions?path=PATH`: the token's effective privileges on one path.
+    pub async fn permissions_at(&self, path: &str) -> Result<Permissions, ProxmoxError> {
+        let v = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/access/permissions?path={}", form_urlencode(path)),
+                &[],
+            )
+            .await?;
+        serde_json::from_value(v)
+            .map_err(|e| ProxmoxError::BadResponse(format!("/access/permissions: {e}")))
+    }
+
+    /// The `vga` setting of a VM's configuration (`None`: Proxmox's default, std).
+    pub async fn vm_vga(&self, node: &str, vmid: VmId) -> Result<Option<String>, ProxmoxError> {
+        let path = Self::vm_path(node, vmid, "/config")?;
+        let v = self.call(reqwest::Method::GET, &path, &[]).await?;
+        Ok(v.get("vga").and_then(Value::as_str).map(str::to_owned))
+    }
+
     /// `GET /access/permissions`: the token's effective privileges.
     pub async fn permissions(&self) -> Result<Permissions, ProxmoxError> {
         let v = self

@@ -4,3 +4,4 @@ pub mod echo;
 pub mod harness;
 pub mod lab;
 pub mod pve;
+pub mod spice;

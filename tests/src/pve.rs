@@ -69,7 +69,7 @@ mod api;
 mod certs;
 mod config;
 mod perms;
-mod qmp;
+pub(crate) mod qmp;
 mod server;
 mod spiceproxy;
 mod state;
@@ -319,6 +319,18 @@ impl PveStandin {
         std::fs::write(dir.join("ca-cert.pem"), self.ca_pem())?;
         std::fs::write(dir.join("server-cert.pem"), self.node_cert_pem())?;
         write_private(&dir.join("server-key.pem"), self.shared.pki.node_key_pem())
+    }
+
+    /// Like [`write_spice_x509_dir`](Self::write_spice_x509_dir), with a certificate for
+    /// another node (`CN=<node>`) signed by this cluster's CA: what another node of the cluster
+    /// presents.
+    pub fn write_spice_x509_dir_for_node(&self, dir: &Path, node: &str) -> anyhow::Result<()> {
+        let (cert, key) = self.shared.pki.issue_node_certificate(node)?;
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("ca-cert.pem"), self.ca_pem())?;
+        std::fs::write(dir.join("server-cert.pem"), cert)?;
+        write_private(&dir.join("server-key.pem"), &key)?;
+        Ok(())
     }
 
     /// Writes the cluster CA PEM to `path`.

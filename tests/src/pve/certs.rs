@@ -22,6 +22,48 @@ pub struct ClusterPki {
     /// `OU=PVE Cluster Node,O=Proxmox Virtual Environment,CN=<node>`, as `read_x509_subject_spice`
     /// prints the node certificate's subject for remote-viewer's `host-subject`.
     pub host_subject: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// `host-subject` of a node's certificate.
+pub fn host_subject(node: &str) -> String {
+    format!("OU=PVE Cluster Node,O=Proxmox Virtual Environment,CN={node}")
+}
+
+/// A node certificate as pve-cluster makes it (`pve-ssl.pem`), signed by `issuer`.
+fn node_certificate(
+    issuer: &Issuer<'static, KeyPair>,
+    node: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<(rcgen::Certificate, KeyPair)> {
+    let node_key = KeyPair::generate().context("generating the node key")?;
+    let mut leaf = CertificateParams::default();
+    leaf.distinguished_name = name(&[
+        (DnType::OrganizationalUnitName, "PVE Cluster Node"),
+        (DnType::OrganizationName, "Proxmox Virtual Environment"),
+        (DnType::CommonName, node),
+    ]);
+    leaf.subject_alt_names = vec![
+        SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        SanType::DnsName("localhost".try_into()?),
+    ];
+    if node != "localhost" {
+        let dns = node
+            .try_into()
+            .with_context(|| format!("node name {node:?} is not a DNS name"))?;
+        leaf.subject_alt_names.push(SanType::DnsName(dns));
+    }
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.use_authority_key_identifier_extension = true;
+    leaf.not_before = now - Duration::days(1);
+    leaf.not_after = now + Duration::days(730);
+    let leaf_cert = leaf
+        .signed_by(&node_key, issuer)
+        .context("signing the node certificate")?;
+
+    Ok((leaf_cert, node_key))
 }
 
 impl ClusterPki {
@@ -44,33 +86,7 @@ impl ClusterPki {
         ca.not_after = now + Duration::days(3650);
         let ca_cert = ca.self_signed(&ca_key).context("self-signing the CA")?;
         let issuer = Issuer::new(ca, ca_key);
-
-        let node_key = KeyPair::generate().context("generating the node key")?;
-        let mut leaf = CertificateParams::default();
-        leaf.distinguished_name = name(&[
-            (DnType::OrganizationalUnitName, "PVE Cluster Node"),
-            (DnType::OrganizationName, "Proxmox Virtual Environment"),
-            (DnType::CommonName, node),
-        ]);
-        leaf.subject_alt_names = vec![
-            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-            SanType::DnsName("localhost".try_into()?),
-        ];
-        if node != "localhost" {
-            let dns = node
-                .try_into()
-                .with_context(|| format!("node name {node:?} is not a DNS name"))?;
-            leaf.subject_alt_names.push(SanType::DnsName(dns));
-        }
-        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        leaf.use_authority_key_identifier_extension = true;
-        leaf.not_before = now - Duration::days(1);
-        leaf.not_after = now + Duration::days(730);
-        let leaf_cert = leaf
-            .signed_by(&node_key, &issuer)
-            .context("signing the node certificate")?;
+        let (leaf_cert, node_key) = node_certificate(&issuer, node, now)?;
 
         Ok(ClusterPki {
             ca_pem: ca_cert.pem(),
@@ -79,8 +95,15 @@ impl ClusterPki {
             node_cert_der: leaf_cert.der().clone(),
             node_key_pem: node_key.serialize_pem(),
             node_key_der: PrivatePkcs8KeyDer::from(node_key.serialize_der()),
-            host_subject: format!("OU=PVE Cluster Node,O=Proxmox Virtual Environment,CN={node}"),
+            host_subject: host_subject(node),
+            issuer,
         })
+    }
+
+    /// A certificate and key (PEM) for another node of this cluster, signed by the cluster CA.
+    pub fn issue_node_certificate(&self, node: &str) -> anyhow::Result<(String, String)> {
+        let (cert, key) = node_certificate(&self.issuer, node, OffsetDateTime::now_utc())?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     pub fn node_key_pem(&self) -> &str {

@@ -56,6 +56,28 @@ pub async fn set_spice_password(socket: &Path, password: &str) -> Result<(), Qmp
     Ok(())
 }
 
+/// Runs one QMP command on a fresh connection and returns its `return` value (the harness uses
+/// it for `screendump`). Callers bound the time.
+pub async fn command(
+    socket: &Path,
+    name: &str,
+    arguments: Option<Value>,
+) -> Result<Value, QmpError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| QmpError::new("connect", e.to_string()))?;
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let greeting = read_message(&mut r)
+        .await
+        .map_err(|e| QmpError::new("greeting", e))?;
+    if greeting.get("QMP").is_none() {
+        return Err(QmpError::new("greeting", "not a QMP greeting"));
+    }
+    execute(&mut r, &mut w, "qmp_capabilities", None).await?;
+    execute(&mut r, &mut w, name, arguments).await
+}
+
 async fn execute(
     r: &mut BufReader<OwnedReadHalf>,
     w: &mut OwnedWriteHalf,

@@ -7,6 +7,8 @@
 //! - [`keys`]: the one signing trait ([`keys::Signer`]) behind which software and hardware keys
 //!   sit, with adapters for rcgen (CSR and certificate signing) and rustls (TLS handshakes).
 //! - [`names`], [`serial`], [`fingerprint`]: the checked value types the rest of ZeroSpice uses.
+//! - [`piv`] (feature `yubikey`, on by default): keys in a YubiKey PIV slot behind the same
+//!   trait, with PIN prompt and touch notice callbacks, key generation and attestation.
 //! - [`fsutil`]: writing secrets 0600 atomically and refusing loose permissions.
 //!
 //! This crate knows nothing of Proxmox, QUIC or GUIs.
@@ -25,6 +27,8 @@ pub mod identity;
 pub mod keys;
 pub mod names;
 pub mod pem;
+#[cfg(feature = "yubikey")]
+pub mod piv;
 pub mod serial;
 
 pub use authority::{CertificateAuthority, ClientCertRequest, IssuedCertificate, KeyProvenance};

@@ -450,28 +450,39 @@ fn random_nonce() -> Result<[u8; wire::NONCE_LEN], ring::error::Unspecified> {
     Ok(n)
 }
 
+/// The user's key policy, checked once the code is right. Each refusal names its rule, as the
+/// administrator set it (`user add --allow-serial/--min-pin-policy/--min-touch-policy`).
 fn check_key_rules(user: &UserRecord, p: &Prepared) -> Result<(), Refusal> {
     let policy = &user.policy;
+    let rules = &policy.key_rules;
+    let has_rules = !rules.allowed_serials.is_empty()
+        || rules.min_pin_policy.is_some()
+        || rules.min_touch_policy.is_some();
     let Some(a) = &p.attested else {
-        if policy.require_hardware {
+        // Rules about YubiKeys imply a YubiKey.
+        if policy.require_hardware || has_rules {
             return Err(Refusal::HardwareRequired);
         }
         return Ok(());
     };
-    let rules = &policy.key_rules;
     if !rules.allowed_serials.is_empty() && !rules.allowed_serials.contains(&a.serial) {
+        let allowed = rules
+            .allowed_serials
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         return Err(Refusal::KeyRule(format!(
-            "YubiKey {} is not one of the keys allowed for this user",
+            "key rule allow-serial failed: YubiKey {} is not one of the YubiKeys allowed for this user ({allowed})",
             a.serial
         )));
     }
     if let Some(min) = &rules.min_pin_policy {
-        if rank(&a.pin_policy, &["never", "once", "always"])
-            < rank(min, &["never", "once", "always"])
-        {
+        let order = ["never", "once", "always"];
+        if rank(&a.pin_policy, &order) < rank(min, &order) {
             return Err(Refusal::KeyRule(format!(
-                "the key's PIN policy is {:?}, this user requires at least {:?}: regenerate the key with --pin-policy {min}",
-                a.pin_policy, min
+                "key rule min-pin-policy failed: the key's PIN policy is {}, this user needs at least {min}: enroll again with --pin-policy {min}",
+                a.pin_policy
             )));
         }
     }
@@ -479,8 +490,8 @@ fn check_key_rules(user: &UserRecord, p: &Prepared) -> Result<(), Refusal> {
         let order = ["never", "cached", "always"];
         if rank(&a.touch_policy, &order) < rank(min, &order) {
             return Err(Refusal::KeyRule(format!(
-                "the key's touch policy is {:?}, this user requires at least {:?}: regenerate the key with --touch-policy {min}",
-                a.touch_policy, min
+                "key rule min-touch-policy failed: the key's touch policy is {}, this user needs at least {min}: enroll again with --touch-policy {min}",
+                a.touch_policy
             )));
         }
     }
@@ -489,6 +500,31 @@ fn check_key_rules(user: &UserRecord, p: &Prepared) -> Result<(), Refusal> {
 
 fn rank(v: &str, order: &[&str]) -> usize {
     order.iter().position(|o| *o == v).unwrap_or(0)
+}
+
+/// Verifies YubiKey PIV attestations against the configured roots (Yubico's built in, plus
+/// extra roots from `[attestation] extra_roots`).
+pub struct YubikeyAttestation {
+    pub roots: zerospice_ca::attestation::AttestationRoots,
+}
+
+impl AttestationCheck for YubikeyAttestation {
+    fn verify(
+        &self,
+        csr: &ValidatedCsr,
+        attestation: &[u8],
+        chain: &[Vec<u8>],
+        now: OffsetDateTime,
+    ) -> Result<AttestedKey, String> {
+        let a = zerospice_ca::attestation::verify(attestation, chain, csr.spki(), &self.roots, now)
+            .map_err(|e| format!("the YubiKey attestation was refused: {e}"))?;
+        Ok(AttestedKey {
+            serial: a.serial,
+            firmware: a.firmware,
+            pin_policy: a.pin_policy.as_str().to_owned(),
+            touch_policy: a.touch_policy.as_str().to_owned(),
+        })
+    }
 }
 
 /// An attestation check that refuses every hardware claim (no roots configured).

@@ -149,16 +149,16 @@ struct AccessArgs {
     /// Allow start and shutdown of those VMs.
     #[arg(long)]
     power: bool,
-    /// Only accept keys generated on an attested YubiKey.
+    /// Only accept keys generated on a YubiKey whose attestation the gateway verified.
     #[arg(long)]
     require_hardware_key: bool,
-    /// Minimum YubiKey PIN policy: once or always.
+    /// Minimum YubiKey PIN policy: once or always (implies --require-hardware-key).
     #[arg(long, value_parser = ["once", "always"])]
     min_pin_policy: Option<String>,
-    /// Minimum YubiKey touch policy: cached or always.
+    /// Minimum YubiKey touch policy: cached or always (implies --require-hardware-key).
     #[arg(long, value_parser = ["cached", "always"])]
     min_touch_policy: Option<String>,
-    /// Only this YubiKey serial (repeatable).
+    /// Only this YubiKey serial (repeatable; implies --require-hardware-key).
     #[arg(long = "allow-serial", value_name = "SERIAL")]
     allowed_serials: Vec<u32>,
 }
@@ -170,7 +170,11 @@ impl AccessArgs {
             pools: self.pools.clone(),
             tags: self.tags.clone(),
             power: self.power,
-            require_hardware: self.require_hardware_key,
+            // Rules about YubiKeys imply a YubiKey.
+            require_hardware: self.require_hardware_key
+                || self.min_pin_policy.is_some()
+                || self.min_touch_policy.is_some()
+                || !self.allowed_serials.is_empty(),
             key_rules: zerospice_gateway::store::KeyRules {
                 min_pin_policy: self.min_pin_policy.clone(),
                 min_touch_policy: self.min_touch_policy.clone(),

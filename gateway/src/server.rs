@@ -15,7 +15,7 @@ use zerospice_ca::{CertificateAuthority, Signer};
 use zerospice_proto::error::close;
 
 use crate::config::Config;
-use crate::enrollment::{Enrollment, NoAttestation};
+use crate::enrollment::{Enrollment, YubikeyAttestation};
 use crate::paths::Paths;
 use crate::store::Store;
 
@@ -219,6 +219,39 @@ pub fn proxmox_client(
     Ok(Some(Arc::new(client)))
 }
 
+/// The YubiKey attestation roots of the configuration: Yubico's (built in, from `ca/roots/`)
+/// unless `disable_builtin_roots`, plus every certificate of every `extra_roots` file.
+pub fn attestation_roots(
+    cfg: &Config,
+    config_path: &std::path::Path,
+) -> anyhow::Result<zerospice_ca::attestation::AttestationRoots> {
+    use zerospice_ca::attestation::AttestationRoots;
+    let mut roots = if cfg.attestation.disable_builtin_roots {
+        AttestationRoots::empty()
+    } else {
+        AttestationRoots::yubico()
+    };
+    for file in &cfg.attestation.extra_roots {
+        let path = crate::config::resolve(config_path, file);
+        let pem = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the attestation root file {}", path.display()))?;
+        let n = roots
+            .add_pem(&pem)
+            .with_context(|| format!("attestation root file {}", path.display()))?;
+        if n == 0 {
+            anyhow::bail!(
+                "attestation root file {} holds no certificate",
+                path.display()
+            );
+        }
+        info!(file = %path.display(), certificates = n, "extra attestation roots trusted");
+    }
+    if roots.is_empty() {
+        warn!("no YubiKey attestation roots are trusted: every hardware key enrollment will be refused");
+    }
+    Ok(roots)
+}
+
 /// Runs the gateway until SIGINT/SIGTERM.
 pub async fn serve(paths: &Paths) -> anyhow::Result<()> {
     let loaded = Loaded::load(paths)?;
@@ -232,7 +265,9 @@ pub async fn serve(paths: &Paths) -> anyhow::Result<()> {
             loaded.ca.clone(),
             cfg,
             cfg.public_access_addr(),
-            Arc::new(NoAttestation),
+            Arc::new(YubikeyAttestation {
+                roots: attestation_roots(cfg, &paths.config)?,
+            }),
         )
         .map_err(|_| anyhow::anyhow!("random number generator failed"))?,
     );

@@ -43,18 +43,30 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// Loads the profile in `dir`, with the key it names.
+    /// Loads the profile in `dir`, with the key it names; a YubiKey PIN is asked on the
+    /// terminal (or taken from `ZEROSPICE_PIV_PIN`).
     pub fn load(dir: ProfileDir) -> Result<Self, AgentError> {
+        Self::load_with(dir, Arc::new(zerospice_enroll::hardware::TerminalPrompt))
+    }
+
+    /// Loads the profile in `dir`; a YubiKey-held key asks its PIN through `prompt` (now, so a
+    /// wrong PIN is reported before anything is sent) and announces touches through it.
+    pub fn load_with(
+        dir: ProfileDir,
+        prompt: Arc<dyn zerospice_ca::piv::PivPrompt>,
+    ) -> Result<Self, AgentError> {
         let profile = dir.load()?;
         let ca_der = dir.ca_der(&profile)?;
         let (cert_der, identity) = dir.certificate()?;
-        let signer = match &profile.key {
+        let signer: Arc<dyn Signer> = match &profile.key {
             KeyRef::Software => dir.software_key()?,
-            KeyRef::Yubikey { serial, slot } => {
-                return Err(AgentError::Key(format!(
-                    "this profile's key is in slot {slot} of YubiKey {serial}, and this build of zerospice-agent has no YubiKey support"
-                )))
-            }
+            KeyRef::Yubikey { serial, slot } => zerospice_enroll::hardware::open_profile_key(
+                *serial,
+                slot,
+                &point_of(&cert_der)?,
+                prompt,
+            )
+            .map_err(AgentError::Key)?,
         };
         if signer.spki_der() != spki_of(&cert_der)? {
             return Err(AgentError::Key(format!(
@@ -82,6 +94,13 @@ impl Credentials {
         }
         Ok(())
     }
+}
+
+fn point_of(cert_der: &[u8]) -> Result<Vec<u8>, AgentError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(cert_der)
+        .map_err(|e| AgentError::Local(format!("the profile certificate does not parse: {e}")))?;
+    Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
 pub(crate) fn spki_of(cert_der: &[u8]) -> Result<Vec<u8>, AgentError> {

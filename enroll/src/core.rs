@@ -33,6 +33,14 @@ pub trait NewKey: Send + Sync {
     fn persist(&self, dir: &ProfileDir) -> Result<KeyRef, ProfileError>;
     /// For messages: "software key", "YubiKey 12345678 slot 9a".
     fn describe(&self) -> String;
+    /// Warnings and one-time information for the user (default management key, ...).
+    fn notices(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Keeps the issued certificate beside the key where that makes sense (a YubiKey slot).
+    fn store_certificate(&self, _cert_der: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Creates the key to enroll. Called only after the gateway proved it holds the pinned CA.
@@ -40,15 +48,24 @@ pub trait KeySource: Send + Sync {
     fn create(&self) -> Result<Box<dyn NewKey>, String>;
 }
 
-/// A P-256 key generated in software and stored 0600 in the profile.
-pub struct SoftwareKeySource;
+/// A key generated in software and stored 0600 in the profile.
+pub struct SoftwareKeySource {
+    pub algorithm: zerospice_ca::KeyAlgorithm,
+}
+
+impl Default for SoftwareKeySource {
+    fn default() -> Self {
+        Self {
+            algorithm: zerospice_ca::KeyAlgorithm::EcdsaP256,
+        }
+    }
+}
 
 struct SoftwareNewKey(Arc<zerospice_ca::SoftwareKey>);
 
 impl KeySource for SoftwareKeySource {
     fn create(&self) -> Result<Box<dyn NewKey>, String> {
-        let key = zerospice_ca::SoftwareKey::generate(zerospice_ca::KeyAlgorithm::EcdsaP256)
-            .map_err(|e| e.to_string())?;
+        let key = zerospice_ca::SoftwareKey::generate(self.algorithm).map_err(|e| e.to_string())?;
         Ok(Box::new(SoftwareNewKey(Arc::new(key))))
     }
 }
@@ -65,7 +82,7 @@ impl NewKey for SoftwareNewKey {
         Ok(KeyRef::Software)
     }
     fn describe(&self) -> String {
-        "software key (ECDSA P-256)".into()
+        format!("software key ({})", self.0.algorithm())
     }
 }
 
@@ -82,13 +99,25 @@ pub struct EnrollOptions {
 /// Steps, for progress display.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
-    Connecting { gateway: String },
-    GatewayVerified { ca: String },
+    Connecting {
+        gateway: String,
+    },
+    GatewayVerified {
+        ca: String,
+    },
     CreatingKey,
-    KeyReady { key: String },
+    KeyReady {
+        key: String,
+    },
+    /// Something the user should read (a warning, or a secret shown once).
+    Notice(String),
     Sending,
-    Issued { serial: String },
-    Saved { dir: String },
+    Issued {
+        serial: String,
+    },
+    Saved {
+        dir: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +142,8 @@ pub enum EnrollError {
     Refused(WireError),
     #[error("the gateway broke the protocol: {0}")]
     Protocol(String),
-    #[error("key: {0}")]
+    /// Creating or using the key failed (YubiKey errors say what to do).
+    #[error("{0}")]
     Key(String),
     #[error("the gateway's answer does not match the request: {0}")]
     BadAnswer(String),
@@ -220,6 +250,9 @@ pub async fn enroll(
     progress(Progress::KeyReady {
         key: new_key.describe(),
     });
+    for notice in new_key.notices() {
+        progress(Progress::Notice(notice));
+    }
     let csr = zerospice_ca::csr::build_csr(signer.as_ref(), user.as_str())
         .map_err(|e| EnrollError::Key(e.to_string()))?;
 
@@ -266,6 +299,11 @@ pub async fn enroll(
     let dir = opts.profile.clone();
     dir.create()?;
     let key_ref = new_key.persist(&dir)?;
+    if let Err(e) = new_key.store_certificate(&cert_der) {
+        progress(Progress::Notice(format!(
+            "the certificate could not be written to the key's slot ({e}); the profile has it, so this does not matter to ZeroSpice"
+        )));
+    }
     dir.write_public(CA_FILE, &answer.ca)?;
     dir.write_public(CERT_FILE, &answer.certificate)?;
     let profile = Profile {

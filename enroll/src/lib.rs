@@ -8,6 +8,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod core;
+pub mod hardware;
 pub mod profile;
 pub mod tls;
 

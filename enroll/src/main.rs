@@ -5,11 +5,15 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
+use std::sync::Arc;
 use zerospice_ca::identity::format_unix;
+use zerospice_ca::piv::{self, PivSlot, DEFAULT_SLOT};
 use zerospice_ca::DeviceName;
+use zerospice_ca::KeyAlgorithm;
 use zerospice_enroll::core::default_device_name;
+use zerospice_enroll::hardware::{TerminalPrompt, YubikeySource};
 use zerospice_enroll::profile::{default_dir, ProfileDir};
-use zerospice_enroll::{enroll, EnrollOptions, Progress, SoftwareKeySource};
+use zerospice_enroll::{enroll, EnrollOptions, KeySource, Progress, SoftwareKeySource};
 use zerospice_proto::invite::Invitation;
 
 /// Enroll this device with a ZeroSpice gateway.
@@ -40,9 +44,38 @@ struct Cli {
     /// Where to store the profile [default: $XDG_CONFIG_HOME/zerospice or ~/.config/zerospice].
     #[arg(long, env = "ZEROSPICE_PROFILE")]
     profile: Option<PathBuf>,
-    /// Where the key is generated: software (stored 0600 in the profile).
-    #[arg(long, default_value = "software")]
+    /// Where the key is generated: `software` (stored 0600 in the profile) or `yubikey[:SLOT]`
+    /// (generated inside a YubiKey PIV slot, default 9a, and never leaving it; the gateway
+    /// checks the YubiKey's attestation).
+    #[arg(
+        long,
+        default_value = "software",
+        value_name = "software|yubikey[:SLOT]"
+    )]
     key: String,
+    /// Key type: p256 or p384.
+    #[arg(long, default_value = "p256", value_parser = ["p256", "p384"])]
+    algorithm: String,
+    /// The YubiKey to use, by serial number (needed when several are inserted).
+    #[arg(long, value_name = "SERIAL")]
+    yubikey_serial: Option<u32>,
+    /// YubiKey: when the PIN is needed: never, once (per session) or always (every signature).
+    #[arg(long, default_value = "once")]
+    pin_policy: zerospice_ca::attestation::PinPolicy,
+    /// YubiKey: when a touch is needed: never, cached (once per 15 s) or always.
+    #[arg(long, default_value = "cached")]
+    touch_policy: zerospice_ca::attestation::TouchPolicy,
+    /// YubiKey: replace a key already in the slot without asking (the old key is destroyed).
+    #[arg(long)]
+    overwrite_slot: bool,
+    /// YubiKey: a file holding the management key (48 hex digits), if it is neither the factory
+    /// default nor PIN-protected.
+    #[arg(long, value_name = "FILE")]
+    management_key_file: Option<PathBuf>,
+    /// YubiKey: replace the factory default management key: `protected` (a random key kept on
+    /// the YubiKey behind the PIN) or `random` (shown once, for you to store).
+    #[arg(long, value_name = "protected|random", value_parser = ["protected", "random"])]
+    set_management_key: Option<String>,
     /// Replace an existing profile.
     #[arg(long)]
     force: bool,
@@ -64,8 +97,53 @@ fn prompt(question: &str) -> anyhow::Result<String> {
     Ok(line.trim().to_owned())
 }
 
+fn yubikey_source(
+    cli: &Cli,
+    algorithm: KeyAlgorithm,
+    slot: PivSlot,
+) -> anyhow::Result<Box<dyn KeySource>> {
+    let management_key = match &cli.management_key_file {
+        Some(path) => {
+            let text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            );
+            Some(piv::parse_management_key(&text)?)
+        }
+        None => None,
+    };
+    let new_management_key = match cli.set_management_key.as_deref() {
+        Some("random") => Some(piv::NewManagementKey::Random),
+        Some(_) => Some(piv::NewManagementKey::Protected),
+        None => None,
+    };
+    Ok(Box::new(YubikeySource {
+        options: piv::GenerateOptions {
+            serial: cli.yubikey_serial,
+            slot,
+            algorithm,
+            pin_policy: cli.pin_policy,
+            touch_policy: cli.touch_policy,
+            overwrite: cli.overwrite_slot,
+            management_key,
+            new_management_key,
+        },
+        prompt: Arc::new(TerminalPrompt),
+        confirm_overwrite: Box::new(|serial, slot| {
+            if !std::io::stdin().is_terminal() {
+                return false;
+            }
+            let answer = prompt(&format!(
+                "Slot {slot} of YubiKey {serial} already holds a key. Replace it? The old key is destroyed. [y/N] "
+            ))
+            .unwrap_or_default();
+            matches!(answer.as_str(), "y" | "Y" | "yes")
+        }),
+    }))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let invite_text = match cli.invite {
+    let invite_text = match cli.invite.clone() {
         Some(i) => i,
         None => prompt("Invitation: ")?,
     };
@@ -74,9 +152,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(d) => DeviceName::new(d)?,
         None => default_device_name(),
     };
-    if cli.key != "software" {
-        anyhow::bail!("unknown key kind {:?}: use software", cli.key);
-    }
+    let algorithm = match cli.algorithm.as_str() {
+        "p384" => KeyAlgorithm::EcdsaP384,
+        _ => KeyAlgorithm::EcdsaP256,
+    };
+    let keys: Box<dyn KeySource> = match cli.key.split_once(':') {
+        None if cli.key == "software" => Box::new(SoftwareKeySource { algorithm }),
+        None if cli.key == "yubikey" => yubikey_source(&cli, algorithm, DEFAULT_SLOT)?,
+        Some(("yubikey", slot)) => yubikey_source(&cli, algorithm, slot.parse()?)?,
+        _ => anyhow::bail!(
+            "unknown key kind {:?}: use software, yubikey or yubikey:SLOT (e.g. yubikey:9a)",
+            cli.key
+        ),
+    };
     let profile = ProfileDir::new(cli.profile.clone().unwrap_or_else(default_dir));
     if !cli.json {
         println!(
@@ -85,7 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
         println!("  pinned CA: {}", invitation.fingerprint_text());
     }
-    let code = match cli.code {
+    let code = match cli.code.clone() {
         Some(c) => c,
         None => prompt("Code from your authenticator app: ")?,
     };
@@ -98,8 +186,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             profile,
             force: cli.force,
         },
-        &SoftwareKeySource,
+        keys.as_ref(),
         |p| {
+            if let Progress::Notice(n) = &p {
+                eprintln!("warning: {n}");
+                return;
+            }
             if json {
                 return;
             }
@@ -111,6 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Progress::Sending => println!("  sending the request ..."),
                 Progress::Issued { serial } => println!("  certificate issued (serial {serial})"),
                 Progress::Saved { dir } => println!("  saved to {dir}"),
+                Progress::Notice(_) => {}
             }
         },
     )

@@ -812,7 +812,8 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let (ca, ca_key_pem) = CertificateAuthority::generate(now).unwrap();
         let ca_key = KeyPair::from_pem(&ca_key_pem).unwrap();
-        let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(ca.cert_der()), ca_key).unwrap();
+        let issuer =
+            Issuer::from_ca_cert_der(&CertificateDer::from(ca.cert_der()), ca_key).unwrap();
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name
             .push(rcgen::DnType::CommonName, "alice");
@@ -824,9 +825,7 @@ mod tests {
         let no_eku = p.signed_by(&leaf_key, &issuer).unwrap();
         let v = AccessClientVerifier::new(ca.cert_der()).unwrap();
         let t = UnixTime::now();
-        let e = v
-            .verify_client_cert(no_eku.der(), &[], t)
-            .unwrap_err();
+        let e = v.verify_client_cert(no_eku.der(), &[], t).unwrap_err();
         assert_eq!(
             e,
             rustls::Error::InvalidCertificate(rustls::CertificateError::InvalidPurpose)

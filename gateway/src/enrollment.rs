@@ -556,6 +556,30 @@ mod tests {
     }
 
     fn fixture(policy: UserPolicy) -> Fixture {
+        fixture_with(policy, Arc::new(NoAttestation))
+    }
+
+    /// Says every hardware claim is YubiKey 7, firmware 5.4.3, PIN once, touch never.
+    struct FakeYubikey;
+
+    impl AttestationCheck for FakeYubikey {
+        fn verify(
+            &self,
+            _: &ValidatedCsr,
+            _: &[u8],
+            _: &[Vec<u8>],
+            _: OffsetDateTime,
+        ) -> Result<AttestedKey, String> {
+            Ok(AttestedKey {
+                serial: 7,
+                firmware: (5, 4, 3),
+                pin_policy: "once".into(),
+                touch_policy: "never".into(),
+            })
+        }
+    }
+
+    fn fixture_with(policy: UserPolicy, attestation: Arc<dyn AttestationCheck>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::create(&dir.path().join("state.db")).unwrap());
         let (ca, _) = CertificateAuthority::generate(OffsetDateTime::now_utc()).unwrap();
@@ -568,7 +592,7 @@ mod tests {
             user_policy: LockoutPolicy::USER,
             address_policy: LockoutPolicy::ADDRESS,
             access_addr: "127.0.0.1:7443".into(),
-            attestation: Arc::new(NoAttestation),
+            attestation,
             dummy_secret: TotpSecret::generate().unwrap(),
         };
         Fixture {
@@ -690,6 +714,87 @@ mod tests {
         assert_eq!(e, Refusal::HardwareRequired);
         assert_eq!(e.wire().code, ErrorCode::HardwareKeyRequired);
         assert!(f.svc.store.certificates(None).unwrap().is_empty());
+    }
+
+    fn enroll_hardware(f: &Fixture, t: i64) -> Result<IssuedCertificate, Refusal> {
+        let nonce = [9u8; 32];
+        let mut req = request("alice", &nonce);
+        req.key = KeyClaim::Yubikey {
+            attestation: vec![0x30],
+            chain: vec![vec![0x30]],
+        };
+        let p = f.svc.prepare(&req, &nonce, at(t))?;
+        f.svc.decide(&p, &f.code(t), PEER, at(t))
+    }
+
+    #[test]
+    fn key_rules_name_the_rule_that_failed() {
+        let rules = |r: crate::store::KeyRules| UserPolicy {
+            require_hardware: true,
+            key_rules: r,
+            ..Default::default()
+        };
+        let cases = [
+            (
+                crate::store::KeyRules {
+                    allowed_serials: vec![8, 9],
+                    ..Default::default()
+                },
+                "key rule allow-serial failed: YubiKey 7 is not one of the YubiKeys allowed for this user (8, 9)",
+            ),
+            (
+                crate::store::KeyRules {
+                    min_pin_policy: Some("always".into()),
+                    ..Default::default()
+                },
+                "key rule min-pin-policy failed: the key's PIN policy is once, this user needs at least always: enroll again with --pin-policy always",
+            ),
+            (
+                crate::store::KeyRules {
+                    min_touch_policy: Some("cached".into()),
+                    ..Default::default()
+                },
+                "key rule min-touch-policy failed: the key's touch policy is never, this user needs at least cached: enroll again with --touch-policy cached",
+            ),
+        ];
+        for (r, want) in cases {
+            let f = fixture_with(rules(r), Arc::new(FakeYubikey));
+            let e = enroll_hardware(&f, T0).unwrap_err();
+            assert_eq!(e.wire().message, want);
+            assert_eq!(e.wire().code, ErrorCode::AttestationRejected);
+            assert!(f.svc.store.certificates(None).unwrap().is_empty());
+        }
+        // Rules that the key meets: issued, marked as held by YubiKey 7.
+        let f = fixture_with(
+            rules(crate::store::KeyRules {
+                allowed_serials: vec![7],
+                min_pin_policy: Some("once".into()),
+                min_touch_policy: None,
+            }),
+            Arc::new(FakeYubikey),
+        );
+        let issued = enroll_hardware(&f, T0).unwrap();
+        let id = zerospice_ca::Identity::from_der(&issued.der).unwrap();
+        assert_eq!(id.key, KeyProvenance::Yubikey { serial: 7 });
+        let rec = f
+            .svc
+            .store
+            .certificate(&issued.serial.to_string())
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.hardware_serial, Some(7));
+        // A rule about YubiKeys refuses software keys even without --require-hardware-key.
+        let f = fixture(UserPolicy {
+            key_rules: crate::store::KeyRules {
+                min_touch_policy: Some("always".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        assert_eq!(
+            f.enroll("alice", &f.code(T0), T0),
+            Err(Refusal::HardwareRequired)
+        );
     }
 
     #[test]

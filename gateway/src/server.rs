@@ -238,12 +238,6 @@ pub fn attestation_roots(
         let n = roots
             .add_pem(&pem)
             .with_context(|| format!("attestation root file {}", path.display()))?;
-        if n == 0 {
-            anyhow::bail!(
-                "attestation root file {} holds no certificate",
-                path.display()
-            );
-        }
         info!(file = %path.display(), certificates = n, "extra attestation roots trusted");
     }
     if roots.is_empty() {
@@ -314,4 +308,48 @@ pub async fn serve(paths: &Paths) -> anyhow::Result<()> {
         t.abort();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra_roots: Vec<std::path::PathBuf>, disable_builtin_roots: bool) -> Config {
+        let mut c: Config =
+            toml::from_str("[listen]\naccess = \"127.0.0.1:7443\"\nenroll = \"127.0.0.1:7444\"\n")
+                .unwrap();
+        c.attestation.extra_roots = extra_roots;
+        c.attestation.disable_builtin_roots = disable_builtin_roots;
+        c
+    }
+
+    #[test]
+    fn attestation_roots_come_from_the_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("gateway.toml");
+        // Built in: Yubico's PIV root and Attestation Root 1.
+        let builtin = attestation_roots(&config(vec![], false), &cfg_path).unwrap();
+        assert_eq!(builtin.len(), 2);
+        // An extra root file, relative to the configuration file, with the built-in ones off.
+        let (ca, _) =
+            zerospice_ca::CertificateAuthority::generate(OffsetDateTime::now_utc()).unwrap();
+        std::fs::write(dir.path().join("test-root.pem"), ca.cert_pem()).unwrap();
+        let only =
+            attestation_roots(&config(vec!["test-root.pem".into()], true), &cfg_path).unwrap();
+        assert_eq!(only.len(), 1);
+        let both =
+            attestation_roots(&config(vec!["test-root.pem".into()], false), &cfg_path).unwrap();
+        assert_eq!(both.len(), 3);
+        // Missing and empty files are errors that name the file.
+        let e =
+            attestation_roots(&config(vec!["missing.pem".into()], false), &cfg_path).unwrap_err();
+        assert!(format!("{e:#}").contains("missing.pem"), "{e:#}");
+        std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+        let e = attestation_roots(&config(vec!["empty.pem".into()], false), &cfg_path).unwrap_err();
+        assert!(
+            format!("{e:#}")
+                .contains("empty.pem: malformed attestation root PEM: no certificate found"),
+            "{e:#}"
+        );
+    }
 }

@@ -13,7 +13,7 @@
 //! with what to do: nothing here passes without having run.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use zerospice_ca::attestation::{PinPolicy, TouchPolicy};
@@ -37,11 +37,12 @@ const PCSCD_PID_FILE: &str = "/run/pcscd/pcscd.pid";
 const VPCD_DRIVER: &str = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so";
 const WAIT: Duration = Duration::from_secs(20);
 
-/// One test at a time: one pcscd, one card.
-static CARD_LOCK: Mutex<()> = Mutex::new(());
+/// One test at a time: one pcscd, one card. (A tokio mutex: it is held across awaits, and a
+/// failed test does not poison it for the others.)
+static CARD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn serialised() -> MutexGuard<'static, ()> {
-    CARD_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+async fn serialised() -> tokio::sync::MutexGuard<'static, ()> {
+    CARD_LOCK.lock().await
 }
 
 fn virtual_piv_bin() -> PathBuf {
@@ -165,13 +166,13 @@ struct YkLab {
     lab: Lab,
     card: Option<Card>,
     _pcscd: Pcscd,
-    _lock: MutexGuard<'static, ()>,
+    _lock: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl YkLab {
     /// Starts everything; the gateway trusts the card's test root when `trust_test_root`.
     async fn start(trust_test_root: bool) -> YkLab {
-        let lock = serialised();
+        let lock = serialised().await;
         std::env::set_var(PIN_ENV, PIN);
         let pcscd = Pcscd::start();
         let echo = zerospice_tests::echo::EchoServer::start().await.unwrap();
@@ -621,7 +622,7 @@ async fn a_touch_policy_requirement_refuses_a_key_generated_with_touch_never() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clear_errors_without_pcscd_without_a_card_and_with_two_cards() {
-    let lock = serialised();
+    let lock = serialised().await;
     std::env::set_var(PIN_ENV, PIN);
     let echo = zerospice_tests::echo::EchoServer::start().await.unwrap();
     let config = Lab::example_config(&echo).await;

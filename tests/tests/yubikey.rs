@@ -714,3 +714,86 @@ async fn clear_errors_without_pcscd_without_a_card_and_with_two_cards() {
     drop(lab);
     drop(lock);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_default_management_key_can_be_replaced() {
+    let yk = YkLab::start(true).await;
+    let users: Vec<NewUser> = ["frank", "grace", "heidi", "ivan"]
+        .iter()
+        .map(|n| yk.lab.add_user(n, &["--vm", "100"]).unwrap())
+        .collect();
+
+    // A random management key, shown once.
+    let (_, stderr) = yk.enroll_ok(
+        &users[0],
+        &yk.profile("frank"),
+        &["--key", "yubikey", "--set-management-key", "random"],
+    );
+    assert!(!stderr.contains("factory default"), "{stderr}");
+    let prefix = format!("warning: the new management key of YubiKey {SERIAL} is ");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no new management key shown:\n{stderr}"));
+    let key = line[prefix.len()..].split(' ').next().unwrap().to_owned();
+    assert_eq!(key.len(), 48, "{line}");
+    assert!(key.chars().all(|c| c.is_ascii_hexdigit()), "{line}");
+    assert_ne!(key, "010203040506070801020304050607080102030405060708");
+    assert!(line.ends_with(": store it somewhere safe now, it is shown only this once (it is needed to generate or replace keys on the YubiKey)"), "{line}");
+
+    // Without it, the card refuses to generate; nothing changes.
+    let stderr = yk.enroll_err(
+        &users[1],
+        &yk.profile("grace"),
+        &["--key", "yubikey", "--overwrite-slot"],
+    );
+    assert_eq!(
+        last_line(&stderr),
+        format!("error: enrollment failed: YubiKey {SERIAL} refused the management key: give the right one with --management-key-file FILE (48 hex digits)")
+    );
+    // With it, it works, and the key can be moved behind the PIN.
+    let key_file = yk.lab.home.path().join("mgm.key");
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    yk.enroll_ok(
+        &users[1],
+        &yk.profile("grace"),
+        &[
+            "--key",
+            "yubikey",
+            "--overwrite-slot",
+            "--management-key-file",
+            key_file.to_str().unwrap(),
+            "--set-management-key",
+            "protected",
+        ],
+    );
+    // PIN-protected: the PIN alone is enough from now on.
+    let (stdout, stderr) = yk.enroll_ok(
+        &users[2],
+        &yk.profile("heidi"),
+        &["--key", "yubikey:9c", "--pin-policy", "always"],
+    );
+    assert!(!stderr.contains("management key"), "{stderr}");
+    assert!(
+        stdout.contains("slot 9c (ECDSA P-256, PIN always, touch cached)"),
+        "{stdout}"
+    );
+    // The old random key no longer works.
+    let stderr = yk.enroll_err(
+        &users[3],
+        &yk.profile("ivan"),
+        &[
+            "--key",
+            "yubikey:9d",
+            "--management-key-file",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        last_line(&stderr),
+        format!("error: enrollment failed: YubiKey {SERIAL} refused the management key: give the right one with --management-key-file FILE (48 hex digits)")
+    );
+    // heidi's key has PIN policy always: every signature re-verifies the PIN, and the agent works.
+    let out = agent_with_pin(&yk.profile("heidi"), PIN, &["--json", "list"]);
+    assert!(out.status.success(), "{}", texts(&out).1);
+}

@@ -14,8 +14,13 @@ use nix::unistd::Pid;
 
 /// Path of a workspace binary (built by `cargo build --workspace --bins`).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/test-xxxx -> target/debug
+    find_bin(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Path of a workspace binary next to the running executable, or why it is not there.
+pub fn find_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the running executable")?;
+    // target/debug/deps/test-xxxx -> target/debug; target/debug/zerospice-sandbox -> target/debug
     let dir = exe
         .parent()
         .and_then(|d| {
@@ -25,14 +30,15 @@ pub fn bin(name: &str) -> PathBuf {
                 Some(d)
             }
         })
-        .expect("target dir");
+        .context("no target directory")?;
     let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --bins` before the tests (the README test command does)",
-        p.display()
-    );
-    p
+    if !p.exists() {
+        bail!(
+            "{} is missing: run `cargo build --workspace --bins` first (the README test command and scripts/sandbox do)",
+            p.display()
+        );
+    }
+    Ok(p)
 }
 
 /// A UDP port free on loopback right now.

@@ -141,9 +141,26 @@ impl InUse {
     }
 }
 
+/// How long a session ended with channels still open waits for them to report their byte
+/// counts before its record is written anyway (counted from the first sweep that sees it).
+pub const ENDING_GRACE: Duration = Duration::from_secs(10);
+
+/// A session that ended while channels were still open. The channels notice the end a moment
+/// later (their streams fail); the session's record waits for their byte counts.
+#[derive(Debug)]
+struct Ending {
+    session: Session,
+    reason: EndReason,
+    /// When a sweep first saw it (sweeps give the clock; ending calls need none).
+    seen: Option<Instant>,
+}
+
 #[derive(Debug, Default)]
 pub struct SessionTable {
     sessions: BTreeMap<SessionId, Session>,
+    /// Ended sessions waiting for their open channels to close: invisible to everything but
+    /// [`channel_closed`](Self::channel_closed) and [`sweep`](Self::sweep).
+    ending: BTreeMap<SessionId, Ending>,
 }
 
 impl SessionTable {
@@ -159,7 +176,8 @@ impl SessionTable {
         self.sessions.is_empty()
     }
 
-    /// Removes sessions that are no longer live.
+    /// Removes sessions that are no longer live, and ended sessions whose channels did not
+    /// report within [`ENDING_GRACE`].
     pub fn sweep(&mut self, now: Instant) -> Vec<(Session, EndReason)> {
         let dead: Vec<SessionId> = self
             .sessions
@@ -167,10 +185,45 @@ impl SessionTable {
             .filter(|s| !s.is_live(now))
             .map(|s| s.id.clone())
             .collect();
-        dead.into_iter()
+        let mut ended: Vec<(Session, EndReason)> = dead
+            .into_iter()
             .filter_map(|id| self.sessions.remove(&id))
             .map(|s| (s, EndReason::Idle))
-            .collect()
+            .collect();
+        let mut overdue = Vec::new();
+        for (id, e) in &mut self.ending {
+            match e.seen {
+                None => e.seen = Some(now),
+                Some(seen) if now.saturating_duration_since(seen) >= ENDING_GRACE => {
+                    overdue.push(id.clone())
+                }
+                Some(_) => {}
+            }
+        }
+        for id in overdue {
+            if let Some(e) = self.ending.remove(&id) {
+                ended.push((e.session, e.reason));
+            }
+        }
+        ended
+    }
+
+    /// Takes a session out of the table for `reason`. Returns it if it can be recorded now;
+    /// with channels still open it waits in `ending` for their byte counts.
+    fn retire(&mut self, id: &SessionId, reason: EndReason) -> Option<Session> {
+        let s = self.sessions.remove(id)?;
+        if s.channels_open == 0 {
+            return Some(s);
+        }
+        self.ending.insert(
+            s.id.clone(),
+            Ending {
+                session: s,
+                reason,
+                seen: None,
+            },
+        );
+        None
     }
 
     /// Reserves `vmid` for `owner`: fails if another certificate holds a live session on it;
@@ -204,7 +257,7 @@ impl SessionTable {
             .map(|s| s.id.clone())
             .collect();
         for old in mine {
-            if let Some(s) = self.sessions.remove(&old) {
+            if let Some(s) = self.retire(&old, EndReason::Replaced) {
                 ended.push((s, EndReason::Replaced));
             }
         }
@@ -280,36 +333,48 @@ impl SessionTable {
         }
     }
 
-    /// Records a closed channel; returns the session if that was its last channel and its window
-    /// passed (the session ends).
+    /// Records a closed channel; returns the session and why it ended if that was its last
+    /// channel and its window passed, or if it had already ended (its record was waiting for
+    /// this channel's byte counts).
     pub fn channel_closed(
         &mut self,
         id: &SessionId,
         up: u64,
         down: u64,
         now: Instant,
-    ) -> Option<Session> {
-        let s = self.sessions.get_mut(id)?;
+    ) -> Option<(Session, EndReason)> {
+        if let Some(s) = self.sessions.get_mut(id) {
+            s.channels_open = s.channels_open.saturating_sub(1);
+            s.bytes_up += up;
+            s.bytes_down += down;
+            if !s.is_live(now) {
+                return self.sessions.remove(id).map(|s| (s, EndReason::Idle));
+            }
+            return None;
+        }
+        let e = self.ending.get_mut(id)?;
+        let s = &mut e.session;
         s.channels_open = s.channels_open.saturating_sub(1);
         s.bytes_up += up;
         s.bytes_down += down;
-        if !s.is_live(now) {
-            return self.sessions.remove(id);
+        if s.channels_open == 0 {
+            return self.ending.remove(id).map(|e| (e.session, e.reason));
         }
         None
     }
 
-    /// Ends every session of a connection.
+    /// Ends every session of a connection. Sessions with channels still open are returned by
+    /// [`channel_closed`](Self::channel_closed) once their last channel closed.
     pub fn end_connection(&mut self, conn: u64) -> Vec<Session> {
-        self.drain(|s| s.owner.conn == conn)
+        self.drain(|s| s.owner.conn == conn, EndReason::ConnectionClosed)
     }
 
-    /// Ends every session of a certificate.
+    /// Ends every session of a certificate (as [`end_connection`](Self::end_connection)).
     pub fn end_serial(&mut self, serial: &str) -> Vec<Session> {
-        self.drain(|s| s.owner.serial == serial)
+        self.drain(|s| s.owner.serial == serial, EndReason::Revoked)
     }
 
-    fn drain(&mut self, pred: impl Fn(&Session) -> bool) -> Vec<Session> {
+    fn drain(&mut self, pred: impl Fn(&Session) -> bool, reason: EndReason) -> Vec<Session> {
         let ids: Vec<SessionId> = self
             .sessions
             .values()
@@ -317,7 +382,7 @@ impl SessionTable {
             .map(|s| s.id.clone())
             .collect();
         ids.into_iter()
-            .filter_map(|id| self.sessions.remove(&id))
+            .filter_map(|id| self.retire(&id, reason))
             .collect()
     }
 }
@@ -410,7 +475,8 @@ mod tests {
             .authorize(&sid(1), "aa", "k-aa", &connect(&target(100)), later)
             .is_ok());
         // The last channel closing after the window ends the session.
-        let s = t.channel_closed(&sid(1), 10, 20, later).unwrap();
+        let (s, why) = t.channel_closed(&sid(1), 10, 20, later).unwrap();
+        assert_eq!(why, EndReason::Idle);
         assert_eq!((s.bytes_up, s.bytes_down, s.channels_total), (10, 20, 1));
         assert!(t.get(&sid(1)).is_none());
         open(&mut t, 2, 100, owner(2, "bb", "bob"), later).unwrap();
@@ -496,5 +562,60 @@ mod tests {
         assert_eq!(t.end_connection(1).len(), 2);
         assert_eq!(t.end_serial("bb").len(), 1);
         assert!(t.is_empty());
+    }
+
+    /// A viewer's channels are still relaying when the agent's connection closes (remote-viewer
+    /// closed, Ctrl-C): the session's record must wait for their byte counts, not say 0 bytes.
+    #[test]
+    fn a_session_ended_with_open_channels_is_recorded_with_their_bytes() {
+        let t0 = Instant::now();
+        let mut t = SessionTable::default();
+        open(&mut t, 1, 100, owner(1, "aa", "alice"), t0).unwrap();
+        t.channel_opened(&sid(1));
+        t.channel_opened(&sid(1));
+        assert!(t.end_connection(1).is_empty(), "waits for its channels");
+        // Gone for everything else: no new channel, and the VM is free.
+        assert!(t.get(&sid(1)).is_none());
+        assert_eq!(
+            t.authorize(&sid(1), "aa", "k-aa", &connect(&target(100)), t0)
+                .unwrap_err(),
+            ChannelRefusal::Unknown
+        );
+        open(&mut t, 2, 100, owner(2, "bb", "bob"), t0).unwrap();
+        assert!(t.channel_closed(&sid(1), 5, 1000, t0).is_none());
+        let (s, why) = t.channel_closed(&sid(1), 7, 2000, t0).unwrap();
+        assert_eq!(why, EndReason::ConnectionClosed);
+        assert_eq!(
+            (s.bytes_up, s.bytes_down, s.channels_total, s.channels_open),
+            (12, 3000, 2, 0)
+        );
+        assert!(
+            t.channel_closed(&sid(1), 1, 1, t0).is_none(),
+            "recorded once"
+        );
+
+        // A revoked session whose channel never reports is recorded by a sweep after the grace.
+        t.channel_opened(&sid(2));
+        assert!(t.end_serial("bb").is_empty());
+        assert!(t.sweep(t0).is_empty(), "first seen");
+        assert!(t.sweep(t0 + ENDING_GRACE / 2).is_empty());
+        let swept = t.sweep(t0 + ENDING_GRACE);
+        assert_eq!(swept.len(), 1);
+        assert_eq!(swept[0].0.id, sid(2));
+        assert_eq!(swept[0].1, EndReason::Revoked);
+        assert!(t.channel_closed(&sid(2), 1, 1, t0).is_none());
+    }
+
+    #[test]
+    fn a_replaced_session_with_open_channels_is_recorded_when_they_close() {
+        let t0 = Instant::now();
+        let mut t = SessionTable::default();
+        open(&mut t, 1, 100, owner(1, "aa", "alice"), t0).unwrap();
+        t.channel_opened(&sid(1));
+        assert!(open(&mut t, 2, 100, owner(1, "aa", "alice"), t0)
+            .unwrap()
+            .is_empty());
+        let (s, why) = t.channel_closed(&sid(1), 1, 2, t0).unwrap();
+        assert_eq!((s.id, why, s.bytes_down), (sid(1), EndReason::Replaced, 2));
     }
 }

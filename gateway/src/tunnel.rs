@@ -22,7 +22,6 @@ use zerospice_proto::io::{relay, write_frame};
 use zerospice_proto::{ErrorCode, SessionId, WireError};
 
 use crate::access::{refuse, AccessState, Peer};
-use crate::sessions::EndReason;
 
 /// Bound on dialing spiceproxy and on its answer to CONNECT.
 pub const SPICEPROXY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -262,8 +261,8 @@ async fn close_channel(state: &AccessState, session: &SessionId, up: u64, down: 
     let ended = state
         .sessions()
         .channel_closed(session, up, down, Instant::now());
-    if let Some(s) = ended {
-        state.sessions_ended(vec![(s, EndReason::Idle)]).await;
+    if let Some(ended) = ended {
+        state.sessions_ended(vec![ended]).await;
     }
 }
 

@@ -119,6 +119,9 @@ async fn remote_viewer_shows_the_vm_through_the_tunnel_and_refuses_wrong_certifi
         .map(|r| r["detail"]["bytes_down"].as_u64().unwrap())
         .sum();
     assert!(down > 20_000, "only {down} bytes came down: {closed:#?}");
+    // The session's record waited for its channels: it carries their bytes (the agent's
+    // connection closes while the viewer's channels are still relaying).
+    assert_eq!(ended["detail"]["bytes_down"], down, "{ended}\n{closed:#?}");
 
     // 2. The viewer checks the SPICE server's certificate end to end, through the tunnel, with
     // `ca` and `host-subject` from the Proxmox answer: a server with another cluster's

@@ -29,6 +29,19 @@ fn check(lab: &Lab) -> (bool, String, Vec<serde_json::Value>) {
     (out.status.success(), text, findings)
 }
 
+/// Runs `check`, expects it to fail with exactly one Proxmox finding; returns its message and fix.
+fn proxmox_failure(lab: &Lab) -> (String, String, String) {
+    let (ok, text, findings) = check(lab);
+    assert!(!ok, "{text}");
+    let px: Vec<_> = findings
+        .iter()
+        .filter(|f| f["check"] == "proxmox")
+        .collect();
+    assert_eq!(px.len(), 1, "{text}");
+    let field = |k: &str| px[0][k].as_str().unwrap_or_default().to_owned();
+    (field("message"), field("fix"), text)
+}
+
 fn fails(findings: &[serde_json::Value]) -> Vec<String> {
     findings
         .iter()
@@ -112,18 +125,9 @@ async fn wrong_token_wrong_pin_unreachable_and_missing_address_are_explained() {
         "00000000-0000-0000-0000-000000000000\n",
     )
     .unwrap();
-    let (ok, text, findings) = check(&lab);
-    assert!(!ok);
-    let px: Vec<_> = findings
-        .iter()
-        .filter(|f| f["check"] == "proxmox")
-        .collect();
-    assert_eq!(px.len(), 1, "{text}");
+    let (_, fix, text) = proxmox_failure(&lab);
     assert!(
-        px[0]["fix"]
-            .as_str()
-            .unwrap()
-            .starts_with("check proxmox.token_id and the secret in the token file"),
+        fix.starts_with("check proxmox.token_id and the secret in the token file"),
         "{text}"
     );
     assert!(!text.contains("00000000-0000-0000-0000-000000000000"));
@@ -141,26 +145,9 @@ async fn wrong_token_wrong_pin_unreachable_and_missing_address_are_explained() {
         }
     }
     std::fs::write(&config_path, &pinned).unwrap();
-    let (ok, text, findings) = check(&lab);
-    assert!(!ok);
-    let px: Vec<_> = findings
-        .iter()
-        .filter(|f| f["check"] == "proxmox")
-        .collect();
-    assert!(
-        px[0]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("TLS with Proxmox failed"),
-        "{text}"
-    );
-    assert!(
-        px[0]["fix"]
-            .as_str()
-            .unwrap()
-            .contains("not the pinned one"),
-        "{text}"
-    );
+    let (message, fix, text) = proxmox_failure(&lab);
+    assert!(message.starts_with("TLS with Proxmox failed"), "{text}");
+    assert!(fix.contains("not the pinned one"), "{text}");
 
     // Proxmox not listening at all.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -172,17 +159,9 @@ async fn wrong_token_wrong_pin_unreachable_and_missing_address_are_explained() {
         original.replace(&api, &format!("https://127.0.0.1:{port}")),
     )
     .unwrap();
-    let (ok, text, findings) = check(&lab);
-    assert!(!ok);
-    let px: Vec<_> = findings
-        .iter()
-        .filter(|f| f["check"] == "proxmox")
-        .collect();
+    let (_, fix, text) = proxmox_failure(&lab);
     assert!(
-        px[0]["fix"]
-            .as_str()
-            .unwrap()
-            .starts_with("check proxmox.url, that pveproxy runs"),
+        fix.starts_with("check proxmox.url, that pveproxy runs"),
         "{text}"
     );
 

@@ -60,21 +60,26 @@ async fn target() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// Reads until EOF; returns the byte count.
+async fn drain(s: &mut TcpStream) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut n = 0u64;
+    loop {
+        let r = s.read(&mut buf).await?;
+        if r == 0 {
+            return Ok(n);
+        }
+        n += r as u64;
+    }
+}
+
 async fn serve(mut s: TcpStream) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let mut kind = [0u8; 1];
     s.read_exact(&mut kind).await?;
     match kind[0] {
         b'U' => {
-            let mut buf = vec![0u8; CHUNK];
-            let mut n = 0u64;
-            loop {
-                let r = s.read(&mut buf).await?;
-                if r == 0 {
-                    break;
-                }
-                n += r as u64;
-            }
+            let n = drain(&mut s).await?;
             s.write_all(&n.to_be_bytes()).await?;
             s.shutdown().await?;
         }
@@ -165,15 +170,7 @@ async fn download(p: &Route, bytes: u64) -> anyhow::Result<Duration> {
     let start = Instant::now();
     s.write_all(b"D").await?;
     s.write_all(&bytes.to_be_bytes()).await?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut n = 0u64;
-    loop {
-        let r = s.read(&mut buf).await?;
-        if r == 0 {
-            break;
-        }
-        n += r as u64;
-    }
+    let n = drain(&mut s).await?;
     let took = start.elapsed();
     if n != bytes {
         bail!("received {n} bytes, expected {bytes}");

@@ -586,6 +586,17 @@ pub fn parse_management_key(text: &str) -> Result<Zeroizing<Vec<u8>>, PivError> 
     Ok(bytes)
 }
 
+/// PIV attestation (INS F9) exists from firmware 4.3.
+fn can_attest(serial: u32, (major, minor, patch): (u8, u8, u8)) -> Result<(), PivError> {
+    if (major, minor) < (4, 3) {
+        return Err(PivError::NoAttestation {
+            serial,
+            firmware: format!("{major}.{minor}.{patch}"),
+        });
+    }
+    Ok(())
+}
+
 fn slot_occupied(yk: &mut YubiKey, slot: PivSlot) -> bool {
     match piv::metadata(yk, slot.id()) {
         Ok(_) => true,
@@ -607,12 +618,7 @@ pub fn generate(
     let mut yk = open_device(opts.serial)?;
     let serial = yk.serial().0;
     let v = yk.version();
-    if (v.major, v.minor) < (4, 3) {
-        return Err(PivError::NoAttestation {
-            serial,
-            firmware: v.to_string(),
-        });
-    }
+    can_attest(serial, (v.major, v.minor, v.patch))?;
     let slot = opts.slot;
     if slot_occupied(&mut yk, slot) && !opts.overwrite && !confirm_overwrite(serial, slot) {
         return Err(PivError::SlotOccupied { serial, slot });
@@ -771,6 +777,24 @@ mod tests {
             .to_string(),
             "YubiKey 5 is not inserted (found: none)"
         );
+    }
+
+    #[test]
+    fn attestation_needs_firmware_4_3() {
+        assert_eq!(
+            can_attest(9, (4, 2, 7)).unwrap_err().to_string(),
+            "YubiKey 9 has firmware 4.2.7, which cannot attest keys (PIV attestation needs firmware 4.3 or later): use a newer YubiKey"
+        );
+        assert_eq!(
+            can_attest(9, (3, 4, 0)),
+            Err(PivError::NoAttestation {
+                serial: 9,
+                firmware: "3.4.0".into()
+            })
+        );
+        for ok in [(4, 3, 1), (5, 4, 3), (5, 7, 4)] {
+            assert!(can_attest(9, ok).is_ok());
+        }
     }
 
     #[test]

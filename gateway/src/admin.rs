@@ -1,7 +1,7 @@
 //! Administrator commands. Each prints text for a person, or JSON with `--json` for a script.
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use serde::Serialize;
@@ -109,11 +109,16 @@ pub fn init(paths: &Paths, opts: &InitOptions, out: &mut Out<'_>) -> anyhow::Res
     };
     let mut token_to_write = None;
     if let Some(p) = &opts.proxmox {
+        // The configuration resolves relative paths against its own directory, but these were
+        // given relative to the current one (`--dir gw`, `--proxmox-ca-file ca.pem`): store
+        // them absolute.
+        let absolute =
+            |p: &Path| std::path::absolute(p).with_context(|| format!("resolving {}", p.display()));
         config.proxmox = Some(ProxmoxConfig {
             url: p.url.clone(),
             token_id: p.token_id.clone(),
-            token_secret_file: paths.proxmox_token(),
-            ca_file: p.ca_file.clone(),
+            token_secret_file: absolute(&paths.proxmox_token())?,
+            ca_file: p.ca_file.as_deref().map(absolute).transpose()?,
             fingerprint: p.fingerprint.clone(),
             danger_accept_invalid_certs: p.danger_accept_invalid_certs,
             spiceproxy: p.spiceproxy.clone(),

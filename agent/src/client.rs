@@ -17,6 +17,8 @@ use crate::error::AgentError;
 
 /// How long to wait for the gateway's handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same with a YubiKey-held key: the handshake may wait for a touch (a YubiKey waits 15 s).
+pub const HARDWARE_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for an answer (a power action waits for Proxmox's task, up to 30 s).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(45);
 
@@ -147,11 +149,15 @@ impl Client {
         let connecting = endpoint
             .connect_with(cfg, addr, zerospice_proto::GATEWAY_SERVER_NAME)
             .map_err(|e| AgentError::Local(format!("cannot connect to {addr_text}: {e}")))?;
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        let timeout = match creds.profile.key {
+            KeyRef::Software => CONNECT_TIMEOUT,
+            KeyRef::Yubikey { .. } => HARDWARE_CONNECT_TIMEOUT,
+        };
+        let conn = match tokio::time::timeout(timeout, connecting).await {
             Err(_) => {
                 return Err(AgentError::Timeout {
                     addr: addr_text,
-                    secs: CONNECT_TIMEOUT.as_secs(),
+                    secs: timeout.as_secs(),
                 })
             }
             Ok(Err(e)) => return Err(AgentError::from_connection(&e, &addr_text)),

@@ -93,6 +93,7 @@ async fn remote_viewer_shows_the_vm_through_the_tunnel_and_refuses_wrong_certifi
     tokio::time::sleep(Duration::from_millis(500)).await;
     let through_proxy = lab.channels_through_spiceproxy(VMID);
     session.stop();
+    let mut agent_logs = vec![session.agent.log()];
     let ended =
         tokio::task::block_in_place(|| lab.wait_session_ended(VMID, Duration::from_secs(15)))
             .unwrap();
@@ -176,9 +177,57 @@ async fn remote_viewer_shows_the_vm_through_the_tunnel_and_refuses_wrong_certifi
             png.display()
         );
         session.stop();
+        agent_logs.push(session.agent.log());
+    }
+
+    // The one-time SPICE passwords never reached a log or a file: not the gateway's log (at
+    // debug level), not the agent's or the viewer's output, not the gateway's state directory,
+    // not the laptop's profile.
+    let tickets = lab.lab.pve.tickets();
+    assert_eq!(tickets.len(), 3, "one per session");
+    let mut files = Vec::new();
+    collect_files(lab.lab.home.path(), &mut files);
+    collect_files(&lab.profile, &mut files);
+    let contents: Vec<(PathBuf, Vec<u8>)> = files
+        .into_iter()
+        .filter_map(|f| std::fs::read(&f).ok().map(|c| (f, c)))
+        .collect();
+    let gateway_log = lab.lab.gateway_log();
+    for t in &tickets {
+        assert!(
+            !gateway_log.contains(&t.password),
+            "the gateway logged a password"
+        );
+        assert!(
+            !agent_logs.iter().any(|l| l.contains(&t.password)),
+            "the agent or viewer printed a password"
+        );
+        for (path, data) in &contents {
+            assert!(
+                !data
+                    .windows(t.password.len())
+                    .any(|w| w == t.password.as_bytes()),
+                "{} holds a SPICE password",
+                path.display()
+            );
+        }
     }
 
     let took = started.elapsed();
     eprintln!("spice_e2e took {:.1}s", took.as_secs_f64());
     assert!(took < Duration::from_secs(120), "took {took:?}");
+}
+
+fn collect_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect_files(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
 }

@@ -562,15 +562,49 @@ async fn a_user_who_must_use_a_hardware_key_cannot_enroll_a_software_key() {
     );
     assert!(!profile.join("profile.toml").exists());
     // The code was not used up by the refusal: the same user enrolls with the YubiKey.
-    yk.enroll_ok(
+    // (P-384 this time: the handshake is then signed with ECDSA P-384 on the card.)
+    let (stdout, _) = yk.enroll_ok(
         &carol,
         &profile,
-        &["--key", "yubikey:9a", "--touch-policy", "never"],
+        &[
+            "--key",
+            "yubikey:9a",
+            "--algorithm",
+            "p384",
+            "--touch-policy",
+            "never",
+        ],
     );
+    assert!(
+        stdout.contains(&format!(
+            "key ready: YubiKey {SERIAL} slot 9a (ECDSA P-384, PIN once, touch never)"
+        )),
+        "{stdout}"
+    );
+    let before = yk
+        .card()
+        .proc
+        .log()
+        .matches("APDU [00, 87, 14, 9A]")
+        .count();
     let out = agent_with_pin(&profile, PIN, &["--json", "whoami"]);
     let (stdout, stderr) = texts(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains(&format!("YubiKey {SERIAL}")), "{stdout}");
+    assert!(
+        !stderr.contains("Touch your YubiKey"),
+        "touch never: {stderr}"
+    );
+    let after = yk
+        .card()
+        .proc
+        .log()
+        .matches("APDU [00, 87, 14, 9A]")
+        .count();
+    assert!(
+        after > before,
+        "no P-384 signature on the card ({before} -> {after})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -685,3 +685,33 @@ pub struct ScreenCheck {
     /// Where the guest screen was found in the screenshot.
     pub found: Option<(usize, usize)>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descendants_are_found_and_terminated_by_pid() {
+        // sh -> sleep (a grandchild of this test once sh forks it).
+        let mut sh = Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let below = loop {
+            let d = descendants(sh.id());
+            if !d.is_empty() || start.elapsed() > Duration::from_secs(5) {
+                break d;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(below.len(), 1, "{below:?}");
+        assert!(alive(below[0]));
+        terminate_pids(&below, Duration::from_secs(3));
+        assert!(!alive(below[0]), "the sleep survived");
+        // sh's `wait` returns once its child is gone.
+        let status = sh.wait().unwrap();
+        assert!(status.success());
+        assert!(descendants(sh.id()).is_empty());
+    }
+}

@@ -5,6 +5,7 @@
 //! Needs the Debian packages qemu-system-x86, virt-viewer, xvfb, imagemagick and oathtool
 //! (`scripts/install-deps`). Without them the test says so loudly and passes; under `CI=true` it
 //! fails instead.
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -24,11 +25,9 @@ fn tools_or_skip(test: &str) -> Option<Tools> {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!("{msg} (CI=true: a missing package is a failure)");
             }
-            eprintln!(
-                "\n{}\nSKIPPED: {msg}\n{}\n",
-                "!".repeat(100),
-                "!".repeat(100)
-            );
+            // Straight to stderr: libtest captures `eprintln!` of passing tests.
+            let bar = "!".repeat(100);
+            let _ = writeln!(std::io::stderr(), "\n{bar}\nSKIPPED: {msg}\n{bar}\n");
             None
         }
     }

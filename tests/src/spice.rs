@@ -32,16 +32,6 @@ use crate::harness::{run_bounded, Proc};
 use crate::lab::{agent_cmd, Lab};
 use crate::pve::{Acl, PveConfig, PveStandin, VmDef};
 
-/// Debian packages the SPICE end to end needs, with the program each provides.
-pub const PACKAGES: &[(&str, &str)] = &[
-    ("qemu-system-x86_64", "qemu-system-x86"),
-    ("remote-viewer", "virt-viewer"),
-    ("Xvfb", "xvfb"),
-    ("import", "imagemagick"),
-    ("convert", "imagemagick"),
-    ("oathtool", "oathtool"),
-];
-
 /// Bound on starting one process or seeing one thing happen.
 pub const STEP: Duration = Duration::from_secs(20);
 
@@ -56,31 +46,31 @@ pub struct Tools {
 }
 
 impl Tools {
-    /// Finds every program, or says which Debian packages are missing.
+    /// Finds every program, or says which Debian packages are missing (`oathtool` is checked
+    /// too: enrollment needs a real TOTP code).
     pub fn find() -> Result<Tools, Vec<&'static str>> {
         let mut missing: Vec<&'static str> = Vec::new();
-        let mut found = Vec::new();
-        for (program, package) in PACKAGES {
-            match which(program) {
-                Some(p) => found.push(p),
-                None => {
-                    if !missing.contains(package) {
-                        missing.push(package);
-                    }
-                    found.push(PathBuf::new());
+        let mut find = |program: &str, package: &'static str| {
+            which(program).unwrap_or_else(|| {
+                if !missing.contains(&package) {
+                    missing.push(package);
                 }
-            }
+                PathBuf::new()
+            })
+        };
+        let tools = Tools {
+            qemu: find("qemu-system-x86_64", "qemu-system-x86"),
+            remote_viewer: find("remote-viewer", "virt-viewer"),
+            xvfb: find("Xvfb", "xvfb"),
+            import: find("import", "imagemagick"),
+            convert: find("convert", "imagemagick"),
+        };
+        find("oathtool", "oathtool");
+        if missing.is_empty() {
+            Ok(tools)
+        } else {
+            Err(missing)
         }
-        if !missing.is_empty() {
-            return Err(missing);
-        }
-        Ok(Tools {
-            qemu: found[0].clone(),
-            remote_viewer: found[1].clone(),
-            xvfb: found[2].clone(),
-            import: found[3].clone(),
-            convert: found[4].clone(),
-        })
     }
 }
 

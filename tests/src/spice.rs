@@ -362,6 +362,22 @@ impl QemuVm {
         }
     }
 
+    /// The SPICE channels QEMU has connected right now (QMP `query-spice`: `channel-type`,
+    /// `tls`, ...).
+    pub async fn spice_channels(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let r = tokio::time::timeout(
+            STEP,
+            crate::pve::qmp::command(&self.harness_qmp, "query-spice", None),
+        )
+        .await
+        .context("QMP query-spice timed out")?;
+        let v = match r {
+            Ok(v) => v,
+            Err(e) => bail!("QMP {} failed: {}", e.command, e.message),
+        };
+        Ok(v["channels"].as_array().cloned().unwrap_or_default())
+    }
+
     /// The guest's screen as QEMU renders it (QMP `screendump`).
     pub async fn screendump(&self) -> anyhow::Result<Rgb> {
         let file = self.dir.join("screendump.ppm");

@@ -91,6 +91,10 @@ async fn remote_viewer_shows_the_vm_through_the_tunnel_and_refuses_wrong_certifi
     // A little longer, to see no ninth channel arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let through_proxy = lab.channels_through_spiceproxy(VMID);
+    // QEMU's own view: 8 channels connected, every one over TLS.
+    let channels = lab.qemu(VMID).unwrap().spice_channels().await.unwrap();
+    assert_eq!(channels.len(), 8, "{channels:#?}");
+    assert!(channels.iter().all(|c| c["tls"] == true), "{channels:#?}");
     session.stop();
     let mut agent_logs = vec![session.agent.log()];
     let ended =
@@ -215,6 +219,55 @@ async fn remote_viewer_shows_the_vm_through_the_tunnel_and_refuses_wrong_certifi
     let took = started.elapsed();
     eprintln!("spice_e2e took {:.1}s", took.as_secs_f64());
     assert!(took < Duration::from_secs(120), "took {took:?}");
+}
+
+/// Proxmox's one-time SPICE password expires 30 s after the spiceproxy call, and the gateway's
+/// session window is 30 s too: a console already open must outlive both (channels keep the
+/// session live), and nothing in the chain may cut an idle console (QUIC keep-alive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_console_outlives_the_password_expiry_and_the_session_window() {
+    let Some(tools) = tools_or_skip("spice_e2e") else {
+        return;
+    };
+    let lab = SpiceLab::start(&tools, &SpiceLabOptions::default(), &mut |_, _| {})
+        .await
+        .unwrap();
+    let png = shot_path("vm-100-after-40s.png");
+    let mut session = lab.connect(VMID).unwrap();
+    let check = lab
+        .wait_for_screen(VMID, &png, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(check.found.is_some(), "{}", session.agent.log());
+    let opened = Instant::now();
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert!(
+        session.agent.exited().is_none(),
+        "the agent ended after {:?}:\n{}",
+        opened.elapsed(),
+        session.agent.log()
+    );
+    let channels = lab.qemu(VMID).unwrap().spice_channels().await.unwrap();
+    assert_eq!(channels.len(), 8, "after 40 s: {channels:#?}");
+    let audit = lab.lab.audit().unwrap();
+    assert!(
+        !audit
+            .iter()
+            .any(|r| r["event"] == "session.ended" || r["event"] == "channel.closed"),
+        "{audit:#?}"
+    );
+    let check = lab.check_screen(VMID, &png).await.unwrap();
+    assert!(check.found.is_some(), "{}", png.display());
+    // A new session afterwards gets a fresh one-time password and shows the screen again.
+    session.stop();
+    let mut again = lab.connect(VMID).unwrap();
+    let check = lab
+        .wait_for_screen(VMID, &png, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(check.found.is_some(), "{}", again.agent.log());
+    again.stop();
+    assert_eq!(lab.lab.pve.tickets().len(), 2);
 }
 
 fn collect_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) {

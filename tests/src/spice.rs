@@ -74,6 +74,28 @@ impl Tools {
     }
 }
 
+/// For tests: the tools, or `None` after a loud message on stderr when they are missing (the
+/// test then passes without running). Under `CI=true` a missing package panics instead.
+pub fn tools_or_skip(test: &str) -> Option<Tools> {
+    use std::io::Write as _;
+    match Tools::find() {
+        Ok(t) => Some(t),
+        Err(missing) => {
+            let msg = format!(
+                "{test}: the SPICE end-to-end tests need the Debian packages {}: run scripts/install-deps",
+                missing.join(" ")
+            );
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{msg} (CI=true: a missing package is a failure)");
+            }
+            // Straight to stderr: libtest captures `eprintln!` of passing tests.
+            let bar = "!".repeat(100);
+            let _ = writeln!(std::io::stderr(), "\n{bar}\nSKIPPED: {msg}\n{bar}\n");
+            None
+        }
+    }
+}
+
 /// `program` on `PATH`, if it is there.
 pub fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -5,33 +5,12 @@
 //! Needs the Debian packages qemu-system-x86, virt-viewer, xvfb, imagemagick and oathtool
 //! (`scripts/install-deps`). Without them the test says so loudly and passes; under `CI=true` it
 //! fails instead.
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use zerospice_tests::spice::{
-    SpiceLab, SpiceLabOptions, Tools, FOREIGN_CA_VMID, OTHER_NODE_VMID, VMID,
+    tools_or_skip, SpiceLab, SpiceLabOptions, FOREIGN_CA_VMID, OTHER_NODE_VMID, VMID,
 };
-
-/// The tools, or `None` after a loud message when they are missing outside CI.
-fn tools_or_skip(test: &str) -> Option<Tools> {
-    match Tools::find() {
-        Ok(t) => Some(t),
-        Err(missing) => {
-            let msg = format!(
-                "{test}: the SPICE end-to-end test needs the Debian packages {}: run scripts/install-deps",
-                missing.join(" ")
-            );
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{msg} (CI=true: a missing package is a failure)");
-            }
-            // Straight to stderr: libtest captures `eprintln!` of passing tests.
-            let bar = "!".repeat(100);
-            let _ = writeln!(std::io::stderr(), "\n{bar}\nSKIPPED: {msg}\n{bar}\n");
-            None
-        }
-    }
-}
 
 /// Screenshots stay in the target directory for a look after the run.
 fn shot_path(name: &str) -> PathBuf {

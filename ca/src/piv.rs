@@ -607,20 +607,43 @@ fn slot_occupied(yk: &mut YubiKey, slot: PivSlot) -> bool {
     }
 }
 
-/// Generates a key in a slot of a YubiKey and fetches its attestation. `confirm_overwrite` is
-/// asked (unless `opts.overwrite`) when the slot already holds a key; answering no stops with
-/// [`PivError::SlotOccupied`] before anything on the card changes.
+/// Questions [`generate`] may ask the user (a terminal prompt, a GUI dialog).
+pub trait GenerateQuestions {
+    /// The slot already holds a key: destroy it? Asked unless [`GenerateOptions::overwrite`].
+    fn overwrite(&self, serial: u32, slot: PivSlot) -> bool;
+    /// The factory default management key is still set: replace it, and how? Asked unless
+    /// [`GenerateOptions::new_management_key`] is set; `None` keeps it (with a warning).
+    fn replace_default_management_key(&self, serial: u32) -> Option<NewManagementKey>;
+}
+
+/// Asks nothing: never overwrites, keeps a default management key (non-interactive runs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoQuestions;
+
+impl GenerateQuestions for NoQuestions {
+    fn overwrite(&self, _: u32, _: PivSlot) -> bool {
+        false
+    }
+    fn replace_default_management_key(&self, _: u32) -> Option<NewManagementKey> {
+        None
+    }
+}
+
+/// Generates a key in a slot of a YubiKey and fetches its attestation. When the slot already
+/// holds a key, `questions` is asked (unless `opts.overwrite`); no stops with
+/// [`PivError::SlotOccupied`] before anything on the card changes. When the factory default
+/// management key is still set, it is asked whether to replace it.
 pub fn generate(
     opts: &GenerateOptions,
     prompt: Arc<dyn PivPrompt>,
-    confirm_overwrite: &dyn Fn(u32, PivSlot) -> bool,
+    questions: &dyn GenerateQuestions,
 ) -> Result<Generated, PivError> {
     let mut yk = open_device(opts.serial)?;
     let serial = yk.serial().0;
     let v = yk.version();
     can_attest(serial, (v.major, v.minor, v.patch))?;
     let slot = opts.slot;
-    if slot_occupied(&mut yk, slot) && !opts.overwrite && !confirm_overwrite(serial, slot) {
+    if slot_occupied(&mut yk, slot) && !opts.overwrite && !questions.overwrite(serial, slot) {
         return Err(PivError::SlotOccupied { serial, slot });
     }
     let mut st = State {
@@ -639,6 +662,7 @@ pub fn generate(
         })
     };
     let mut warnings = Vec::new();
+    let mut replace = opts.new_management_key;
     let yk = &mut st.yk;
     match &opts.management_key {
         Some(bytes) => {
@@ -649,7 +673,10 @@ pub fn generate(
         }
         None => {
             if yk.authenticate(MgmKey::default()).is_ok() {
-                if opts.new_management_key.is_none() {
+                if replace.is_none() {
+                    replace = questions.replace_default_management_key(serial);
+                }
+                if replace.is_none() {
                     warnings.push(format!(
                         "YubiKey {serial} still uses the factory default management key: anyone with the key in hand can replace its keys. Set a new one with --set-management-key protected (kept on the YubiKey behind your PIN) or --set-management-key random (shown once for you to store)"
                     ));
@@ -663,7 +690,7 @@ pub fn generate(
         }
     }
     let mut new_management_key = None;
-    if let Some(kind) = opts.new_management_key {
+    if let Some(kind) = replace {
         let key = MgmKey::generate();
         match kind {
             NewManagementKey::Random => {

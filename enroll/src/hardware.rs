@@ -52,8 +52,8 @@ impl PivPrompt for TerminalPrompt {
 pub struct YubikeySource {
     pub options: GenerateOptions,
     pub prompt: Arc<dyn PivPrompt>,
-    /// Asked when the slot already holds a key and `options.overwrite` is not set.
-    pub confirm_overwrite: Box<dyn Fn(u32, PivSlot) -> bool + Send + Sync>,
+    /// Asked when the slot already holds a key, or the default management key is still set.
+    pub questions: Box<dyn piv::GenerateQuestions + Send + Sync>,
 }
 
 struct YubikeyNewKey(piv::Generated);
@@ -63,7 +63,7 @@ impl KeySource for YubikeySource {
         let generated = piv::generate(
             &self.options,
             Arc::clone(&self.prompt),
-            self.confirm_overwrite.as_ref(),
+            self.questions.as_ref(),
         )
         .map_err(|e| e.to_string())?;
         Ok(Box::new(YubikeyNewKey(generated)))

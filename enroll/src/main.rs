@@ -97,6 +97,38 @@ fn prompt(question: &str) -> anyhow::Result<String> {
     Ok(line.trim().to_owned())
 }
 
+/// Asks on the terminal; without one, answers no (the errors then name the flags).
+struct TerminalQuestions;
+
+impl piv::GenerateQuestions for TerminalQuestions {
+    fn overwrite(&self, serial: u32, slot: PivSlot) -> bool {
+        if !std::io::stdin().is_terminal() {
+            return false;
+        }
+        let answer = prompt(&format!(
+            "Slot {slot} of YubiKey {serial} already holds a key. Replace it? The old key is destroyed. [y/N] "
+        ))
+        .unwrap_or_default();
+        matches!(answer.as_str(), "y" | "Y" | "yes")
+    }
+
+    fn replace_default_management_key(&self, serial: u32) -> Option<piv::NewManagementKey> {
+        if !std::io::stdin().is_terminal() {
+            return None;
+        }
+        println!("YubiKey {serial} still uses the factory default management key: anyone with the key in hand can replace its keys.");
+        let answer = prompt(
+            "Replace it with [p]rotected (random, kept on the YubiKey behind your PIN), [r]andom (shown once for you to store), or [k]eep it? [p/r/K] ",
+        )
+        .unwrap_or_default();
+        match answer.as_str() {
+            "p" | "P" | "protected" => Some(piv::NewManagementKey::Protected),
+            "r" | "R" | "random" => Some(piv::NewManagementKey::Random),
+            _ => None,
+        }
+    }
+}
+
 fn yubikey_source(
     cli: &Cli,
     algorithm: KeyAlgorithm,
@@ -129,16 +161,7 @@ fn yubikey_source(
             new_management_key,
         },
         prompt: Arc::new(TerminalPrompt),
-        confirm_overwrite: Box::new(|serial, slot| {
-            if !std::io::stdin().is_terminal() {
-                return false;
-            }
-            let answer = prompt(&format!(
-                "Slot {slot} of YubiKey {serial} already holds a key. Replace it? The old key is destroyed. [y/N] "
-            ))
-            .unwrap_or_default();
-            matches!(answer.as_str(), "y" | "Y" | "yes")
-        }),
+        questions: Box::new(TerminalQuestions),
     }))
 }
 

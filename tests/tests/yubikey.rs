@@ -488,7 +488,7 @@ async fn an_attestation_of_another_key_is_refused() {
                 new_management_key: None,
             },
             Arc::new(FixedPin),
-            &|_, _| false,
+            &piv::NoQuestions,
         )
     })
     .unwrap();
@@ -830,4 +830,85 @@ async fn the_default_management_key_can_be_replaced() {
     // heidi's key has PIN policy always: every signature re-verifies the PIN, and the agent works.
     let out = agent_with_pin(&yk.profile("heidi"), PIN, &["--json", "list"]);
     assert!(out.status.success(), "{}", texts(&out).1);
+}
+
+/// Runs `zerospice-enroll` on a pseudo-terminal (util-linux `script`), typing `answers`.
+fn enroll_on_a_terminal(user: &NewUser, profile: &Path, extra: &[&str], answers: &str) -> Output {
+    let code = oathtool(&user.secret_base32).unwrap();
+    let enroll = enroll_cmd(&user.invitation, &code, "laptop", profile);
+    let mut line = vec![enroll.get_program().to_string_lossy().into_owned()];
+    line.extend(enroll.get_args().map(|a| a.to_string_lossy().into_owned()));
+    line.extend(extra.iter().map(|s| s.to_string()));
+    let quoted: Vec<String> = line
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect();
+    let script = format!(
+        "printf '{answers}' | script -qec \"{}\" /dev/null",
+        quoted.join(" ").replace('"', "\\\"")
+    );
+    let mut c = Command::new("bash");
+    c.args(["-c", &script]);
+    tokio::task::block_in_place(|| run_bounded(c, Duration::from_secs(60))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_terminal_the_user_is_asked_before_overwriting_and_offered_a_new_management_key() {
+    let yk = YkLab::start(true).await;
+    let judy = yk.lab.add_user("judy", &["--vm", "100"]).unwrap();
+    let ken = yk.lab.add_user("ken", &["--vm", "100"]).unwrap();
+    // A key in 9a already, generated directly through PC/SC; the default management key stays.
+    let earlier = piv::generate(
+        &GenerateOptions {
+            serial: Some(SERIAL),
+            slot: DEFAULT_SLOT,
+            algorithm: KeyAlgorithm::EcdsaP256,
+            pin_policy: PinPolicy::Once,
+            touch_policy: TouchPolicy::Never,
+            overwrite: false,
+            management_key: None,
+            new_management_key: None,
+        },
+        Arc::new(FixedPin),
+        &piv::NoQuestions,
+    )
+    .unwrap();
+    assert_eq!(earlier.warnings.len(), 1, "{:?}", earlier.warnings);
+    drop(earlier);
+
+    // "n" to overwriting: nothing changes.
+    let out = enroll_on_a_terminal(&judy, &yk.profile("judy"), &["--key", "yubikey"], "n\\n");
+    let (stdout, _) = texts(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("Slot 9a of YubiKey {SERIAL} already holds a key. Replace it? The old key is destroyed. [y/N] ")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "error: enrollment failed: slot 9a of YubiKey {SERIAL} already holds a key"
+        )),
+        "{stdout}"
+    );
+    // "y", then "p" for a PIN-protected management key.
+    let out = enroll_on_a_terminal(
+        &judy,
+        &yk.profile("judy"),
+        &["--key", "yubikey"],
+        "y\\np\\n",
+    );
+    let (stdout, _) = texts(&out);
+    assert!(out.status.success(), "{stdout}\n{}", yk.lab.gateway_log());
+    assert!(
+        stdout.contains(&format!("YubiKey {SERIAL} still uses the factory default management key: anyone with the key in hand can replace its keys.")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("warning: YubiKey"), "{stdout}");
+    // From now on the default key is gone and the PIN unlocks the stored one: no question.
+    let (_, stderr) = yk.enroll_ok(
+        &ken,
+        &yk.profile("ken"),
+        &["--key", "yubikey:9d", "--touch-policy", "never"],
+    );
+    assert!(!stderr.contains("management key"), "{stderr}");
 }

@@ -26,6 +26,9 @@ use zerospice_proto::VmId;
 /// `connect` starts a proxy on 127.0.0.1 for this one session (other local users and other
 /// targets are refused) and hands remote-viewer its connection file on standard input, so the
 /// one-time SPICE password never touches the disk. Close the viewer or press Ctrl-C to end.
+///
+/// If your key is on a YubiKey, its PIN is asked when the agent starts (or taken from the
+/// environment variable ZEROSPICE_PIV_PIN), and the agent says when to touch the key.
 #[derive(Parser)]
 #[command(name = "zerospice-agent", version, verbatim_doc_comment)]
 struct Cli {

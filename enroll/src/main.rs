@@ -27,6 +27,9 @@ use zerospice_proto::invite::Invitation;
 /// The invitation pins the gateway's CA: if the gateway you reach presents another one, nothing
 /// is sent.
 ///
+/// With --key yubikey the key is generated inside your YubiKey instead (docs/YUBIKEY.md); its PIN
+/// is asked on the terminal, or taken from the environment variable ZEROSPICE_PIV_PIN.
+///
 /// Example:
 ///   zerospice-enroll --invite 'zerospice-invite:v1:alice@10.147.17.5:7444/SHA256:6d03...'
 #[derive(Parser)]

@@ -111,6 +111,20 @@ async fn answer(sock: &mut TcpStream, status: &str, message: &str) {
     );
     let _ = sock.write_all(text.as_bytes()).await;
     let _ = sock.shutdown().await;
+    // Closing a socket with unread input makes Linux send RST, and a client that has not read
+    // the answer yet then loses it (ECONNRESET). Read what the client sent until it closes, for
+    // a bounded time and size, so the answer arrives.
+    let drain = async {
+        let mut chunk = [0u8; 1024];
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 /// Reads the request head; returns it and any bytes that followed it.
@@ -138,12 +152,30 @@ async fn read_head(sock: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
         .flatten()
 }
 
+/// The owner uid of the peer socket. `/proc/net/tcp` is produced in pages, and a socket table
+/// that changes between two pages can skip an entry: a busy machine (a viewer opening eight
+/// channels, a browser) can miss a live socket once, so a miss is read again before refusing.
+async fn owner_of(peer: SocketAddr, ours: SocketAddr) -> std::io::Result<Option<u32>> {
+    for attempt in 0..OWNER_LOOKUPS {
+        if let Some(uid) = crate::peer::peer_uid(peer, ours)? {
+            return Ok(Some(uid));
+        }
+        if attempt + 1 < OWNER_LOOKUPS {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok(None)
+}
+
+/// How many times the socket table is read before a connection's owner is called unknown.
+const OWNER_LOOKUPS: u32 = 4;
+
 async fn serve(ctx: Arc<Ctx>, mut sock: TcpStream, peer: SocketAddr) {
     let refuse = |reason: String| {
         tracing::warn!(%peer, %reason, "local proxy refused a connection");
         let _ = ctx.events.send(ProxyEvent::Refused { reason });
     };
-    match crate::peer::peer_uid(peer, ctx.ours) {
+    match owner_of(peer, ctx.ours).await {
         Ok(Some(uid)) if uid == ctx.me => {}
         Ok(Some(uid)) => {
             refuse(format!(

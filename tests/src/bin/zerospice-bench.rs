@@ -6,11 +6,15 @@
 //! round trips of 64 bytes (an interactive SPICE input/cursor exchange is about that size).
 //!
 //! Paths:
-//! - `direct`: TCP to the target.
-//! - `ssh -L`: a real OpenSSH client and server on loopback forwarding to the target.
+//! - `direct`: TCP to the target (the machine's ceiling).
+//! - `ssh -L`: what an administrator would do instead: a real OpenSSH client and server on
+//!   loopback forwarding a local port to the Proxmox (stand-in) spiceproxy, which the client
+//!   CONNECTs through with the session's ticket, as remote-viewer would.
 //! - `zerospice`: the real `zerospice-agent connect --no-viewer` proxy -> QUIC -> the real
-//!   `zerospice-gateway` -> the Proxmox stand-in's spiceproxy -> the target (one more TCP relay
-//!   than ssh, as on a real Proxmox, where spiceproxy is in the path too).
+//!   `zerospice-gateway` -> the same spiceproxy -> the target.
+//!
+//! Both tunnels cross the stand-in's spiceproxy relay, which runs in this process on the same
+//! two cores (on a real installation it runs on the Proxmox node).
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -112,7 +116,8 @@ async fn serve(mut s: TcpStream) -> std::io::Result<()> {
 /// How to open a connection to the target along one path.
 enum Route {
     Direct(SocketAddr),
-    Ssh(SocketAddr),
+    /// The local end of `ssh -L` to the spiceproxy, and the ticket authority to CONNECT to.
+    Ssh(SocketAddr, String),
     Tunnel(Box<Connected>),
 }
 
@@ -120,25 +125,29 @@ impl Route {
     fn name(&self) -> &'static str {
         match self {
             Route::Direct(_) => "direct TCP",
-            Route::Ssh(_) => "ssh -L",
+            Route::Ssh(..) => "ssh -L",
             Route::Tunnel(_) => "zerospice",
         }
     }
 
     async fn open(&self) -> anyhow::Result<TcpStream> {
         let s = match self {
-            Route::Direct(a) | Route::Ssh(a) => TcpStream::connect(a).await?,
-            Route::Tunnel(c) => {
-                let (s, head) = connect_through(c.proxy, &c.authority(), &c.authority()).await?;
-                if !head.starts_with("HTTP/1.0 200") {
-                    bail!("the agent answered {head:?}");
-                }
-                s
-            }
+            Route::Direct(a) => TcpStream::connect(a).await?,
+            Route::Ssh(local, authority) => proxied(*local, authority, "spiceproxy").await?,
+            Route::Tunnel(c) => proxied(c.proxy, &c.authority(), "the agent").await?,
         };
         s.set_nodelay(true)?;
         Ok(s)
     }
+}
+
+/// An HTTP CONNECT through `proxy` to the SPICE ticket `authority`, as remote-viewer does.
+async fn proxied(proxy: SocketAddr, authority: &str, who: &str) -> anyhow::Result<TcpStream> {
+    let (s, head) = connect_through(proxy, authority, authority).await?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("{who} answered {head:?}");
+    }
+    Ok(s)
 }
 
 async fn upload(p: &Route, bytes: u64) -> anyhow::Result<Duration> {
@@ -363,29 +372,38 @@ async fn main() -> anyhow::Result<()> {
     let target = target().await?;
     eprintln!("target server on {target}");
 
-    let mut paths = vec![Route::Direct(target)];
-    let ssh = if o.no_ssh {
-        None
-    } else {
-        let fwd = tokio::task::block_in_place(|| SshForward::start(target))?;
-        paths.push(Route::Ssh(fwd.local));
-        Some(fwd)
-    };
-
     let echo = EchoServer::start().await?;
     let mut config = PveConfig::example();
     config.vm_mut(100).context("vm 100")?.spice_target = Some(target);
     let mut lab = Lab::init_with(echo, config, &[]).await?;
     lab.serve()?;
     let profile = lab.user("bench", &["--vm", "100"])?;
-    let conn = tokio::task::block_in_place(|| Connected::start(&profile, 100))?;
-    paths.push(Route::Tunnel(Box::new(conn)));
 
     let mut rows = Vec::new();
-    for p in &paths {
-        eprintln!("measuring {} ...", p.name());
-        rows.push(measure(p, &o).await?);
+    let direct = Route::Direct(target);
+    eprintln!("measuring {} ...", direct.name());
+    rows.push(measure(&direct, &o).await?);
+
+    // One session for both tunnels: its ticket is what an admin's `ssh -L` to spiceproxy would
+    // use too. One idle channel keeps the session alive, as a viewer keeps its main channel (a
+    // session with no channel ends when its 30 s opening window passes).
+    let conn = tokio::task::block_in_place(|| Connected::start(&profile, 100))?;
+    let authority = conn.authority();
+    let tunnel = Route::Tunnel(Box::new(conn));
+    let mut keeper = tunnel.open().await?;
+    keeper.write_all(b"P").await?;
+    let mut ssh = None;
+    if !o.no_ssh {
+        let spiceproxy = lab.pve.spiceproxy_addr();
+        let fwd = tokio::task::block_in_place(|| SshForward::start(spiceproxy))?;
+        let route = Route::Ssh(fwd.local, authority);
+        ssh = Some(fwd);
+        eprintln!("measuring {} ...", route.name());
+        rows.push(measure(&route, &o).await?);
     }
+    eprintln!("measuring {} ...", tunnel.name());
+    rows.push(measure(&tunnel, &o).await?);
+    drop(keeper);
 
     println!(
         "{} bytes per transfer, median of {} runs; {} round trips of {PING} bytes",

@@ -18,6 +18,9 @@ pub fn default_viewer() -> PathBuf {
 pub async fn launch(viewer: &Path, vv: &str) -> std::io::Result<Child> {
     let mut child = Command::new(viewer)
         .arg("-")
+        // The YubiKey PIN may have come from the environment: it is not the viewer's business,
+        // and a child's environment is readable in /proc and lands in crash reports.
+        .env_remove(zerospice_enroll::hardware::PIN_ENV)
         .stdin(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -35,4 +38,36 @@ pub async fn launch(viewer: &Path, vv: &str) -> std::io::Result<Child> {
         stdin.shutdown().await?;
     }
     Ok(child)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_viewer_does_not_inherit_the_yubikey_pin() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env");
+        // `sh -` runs its standard input: the "connection file" here is a script that records
+        // what the child sees.
+        let script = format!(
+            "printf '%s' \"${{{}-unset}}/${{HOME-nohome}}\" > {}\n",
+            zerospice_enroll::hardware::PIN_ENV,
+            out.display()
+        );
+        std::env::set_var(zerospice_enroll::hardware::PIN_ENV, "123456");
+        let mut child = launch(Path::new("/bin/sh"), &script).await.unwrap();
+        let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        std::env::remove_var(zerospice_enroll::hardware::PIN_ENV);
+        assert!(status.success());
+        let seen = std::fs::read_to_string(&out).unwrap();
+        assert!(seen.starts_with("unset/"), "{seen}");
+        assert!(
+            !seen.ends_with("/nohome"),
+            "the rest of the environment is kept: {seen}"
+        );
+    }
 }

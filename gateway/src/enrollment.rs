@@ -10,10 +10,12 @@
 //!    recorded in the same commit, with `synchronous=FULL`, before the answer is sent. Two
 //!    concurrent requests with one code serialise on the transaction: exactly one certificate.
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use zerospice_ca::attestation::{ParsePolicyError, PinPolicy, TouchPolicy};
 use zerospice_ca::csr::CsrError;
 use zerospice_ca::{
     CertificateAuthority, ClientCertRequest, DeviceName, IssuedCertificate, KeyProvenance,
@@ -478,28 +480,48 @@ fn check_key_rules(user: &UserRecord, p: &Prepared) -> Result<(), Refusal> {
         )));
     }
     if let Some(min) = &rules.min_pin_policy {
-        let order = ["never", "once", "always"];
-        if rank(&a.pin_policy, &order) < rank(min, &order) {
+        let want = parse_rule::<PinPolicy>("min-pin-policy", min)?;
+        let have = parse_attested::<PinPolicy>("PIN", &a.pin_policy)?;
+        if !have.at_least(want) {
             return Err(Refusal::KeyRule(format!(
-                "key rule min-pin-policy failed: the key's PIN policy is {}, this user needs at least {min}: enroll again with --pin-policy {min}",
-                a.pin_policy
+                "key rule min-pin-policy failed: the key's PIN policy is {have}, this user needs at least {want}: enroll again with --pin-policy {want}"
             )));
         }
     }
     if let Some(min) = &rules.min_touch_policy {
-        let order = ["never", "cached", "always"];
-        if rank(&a.touch_policy, &order) < rank(min, &order) {
+        let want = parse_rule::<TouchPolicy>("min-touch-policy", min)?;
+        let have = parse_attested::<TouchPolicy>("touch", &a.touch_policy)?;
+        if !have.at_least(want) {
             return Err(Refusal::KeyRule(format!(
-                "key rule min-touch-policy failed: the key's touch policy is {}, this user needs at least {min}: enroll again with --touch-policy {min}",
-                a.touch_policy
+                "key rule min-touch-policy failed: the key's touch policy is {have}, this user needs at least {want}: enroll again with --touch-policy {want}"
             )));
         }
     }
     Ok(())
 }
 
-fn rank(v: &str, order: &[&str]) -> usize {
-    order.iter().position(|o| *o == v).unwrap_or(0)
+/// A stored rule value; one that does not parse refuses (fail closed), it never means "any".
+fn parse_rule<P>(rule: &str, value: &str) -> Result<P, Refusal>
+where
+    P: FromStr<Err = ParsePolicyError>,
+{
+    value.parse().map_err(|e: ParsePolicyError| {
+        Refusal::KeyRule(format!(
+            "key rule {rule} cannot be checked: the stored rule is not valid ({e}): the administrator must set it again (zerospice-gateway user set --{rule})"
+        ))
+    })
+}
+
+/// An attested policy value; one that does not parse refuses (fail closed).
+fn parse_attested<P>(kind: &str, value: &str) -> Result<P, Refusal>
+where
+    P: FromStr<Err = ParsePolicyError>,
+{
+    value.parse().map_err(|e: ParsePolicyError| {
+        Refusal::KeyRule(format!(
+            "the key's {kind} policy cannot be checked against this user's key rules ({e})"
+        ))
+    })
 }
 
 /// Verifies YubiKey PIV attestations against the configured roots (Yubico's built in, plus
@@ -795,6 +817,76 @@ mod tests {
             f.enroll("alice", &f.code(T0), T0),
             Err(Refusal::HardwareRequired)
         );
+    }
+
+    /// Says every hardware claim is YubiKey 7 with the given PIN and touch policies.
+    struct FakeYubikeyWith(&'static str, &'static str);
+
+    impl AttestationCheck for FakeYubikeyWith {
+        fn verify(
+            &self,
+            _: &ValidatedCsr,
+            _: &[u8],
+            _: &[Vec<u8>],
+            _: OffsetDateTime,
+        ) -> Result<AttestedKey, String> {
+            Ok(AttestedKey {
+                serial: 7,
+                firmware: (5, 4, 3),
+                pin_policy: self.0.into(),
+                touch_policy: self.1.into(),
+            })
+        }
+    }
+
+    #[test]
+    fn unknown_rule_or_attested_policy_strings_refuse() {
+        let rules = |pin: &str, touch: Option<&str>| UserPolicy {
+            require_hardware: true,
+            key_rules: crate::store::KeyRules {
+                min_pin_policy: Some(pin.into()),
+                min_touch_policy: touch.map(Into::into),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // A stored rule that is not a policy name: refused, not "anything goes".
+        let f = fixture_with(rules("sometimes", None), Arc::new(FakeYubikey));
+        let e = enroll_hardware(&f, T0).unwrap_err();
+        assert_eq!(
+            e.wire().message,
+            "key rule min-pin-policy cannot be checked: the stored rule is not valid (unknown PIN policy 'sometimes': use never, once or always): the administrator must set it again (zerospice-gateway user set --min-pin-policy)"
+        );
+        assert!(f.svc.store.certificates(None).unwrap().is_empty());
+        let f = fixture_with(rules("never", Some("")), Arc::new(FakeYubikey));
+        let e = enroll_hardware(&f, T0).unwrap_err();
+        assert!(
+            e.wire()
+                .message
+                .starts_with("key rule min-touch-policy cannot be checked"),
+            "{e:?}"
+        );
+        // An attested value that is not a policy name: refused even against the weakest rule.
+        for (pin, touch) in [("bogus", "never"), ("once", "sometimes")] {
+            let f = fixture_with(
+                rules("never", Some("never")),
+                Arc::new(FakeYubikeyWith(pin, touch)),
+            );
+            let e = enroll_hardware(&f, T0).unwrap_err();
+            assert!(
+                e.wire()
+                    .message
+                    .contains("policy cannot be checked against this user's key rules"),
+                "{e:?}"
+            );
+            assert!(f.svc.store.certificates(None).unwrap().is_empty());
+        }
+        // Valid names still compare by strength.
+        let f = fixture_with(
+            rules("never", Some("never")),
+            Arc::new(FakeYubikeyWith("always", "always")),
+        );
+        enroll_hardware(&f, T0).unwrap();
     }
 
     #[test]

@@ -729,6 +729,8 @@ mod tests {
             key_fingerprint: id.key_fingerprint.to_string(),
             key_kind: "software".into(),
             hardware_serial: None,
+            pin_policy: None,
+            touch_policy: None,
             not_before: id.not_before,
             not_after: id.not_after,
             issued_at: id.not_before,

@@ -24,7 +24,7 @@ use zerospice_ca::{
 use zerospice_proto::enroll::{self as wire, EnrollRequest, KeyClaim};
 use zerospice_proto::{ErrorCode, WireError};
 
-use crate::store::{AuditEvent, NewCertificate, Scope, Store, StoreError, Tx, UserRecord};
+use crate::store::{AuditEvent, NewCertificate, Scope, Store, StoreError, Tx, UserPolicy};
 use crate::totp::{self, CodeRefusal, LockoutPolicy, TotpSecret};
 
 /// What the gateway decided to refuse, with the reason the audit log records.
@@ -289,7 +289,12 @@ impl Enrollment {
             (None, Ok(_)) => return Err(Refusal::UnknownUser),
         };
 
-        check_key_rules(&user, p)?;
+        let hardware = p.attested.as_ref().map(|a| HardwareKey {
+            serial: a.serial,
+            pin_policy: Some(&a.pin_policy),
+            touch_policy: Some(&a.touch_policy),
+        });
+        check_key_rules(&user.policy, hardware, RuleCheck::Enrollment)?;
 
         let issued = self
             .ca
@@ -310,6 +315,8 @@ impl Enrollment {
             key_fingerprint: issued.key_fingerprint.to_string(),
             key_kind: p.key.kind().to_string(),
             hardware_serial: p.key.hardware_serial(),
+            pin_policy: p.attested.as_ref().map(|a| a.pin_policy.clone()),
+            touch_policy: p.attested.as_ref().map(|a| a.touch_policy.clone()),
             not_before: issued.not_before,
             not_after: issued.not_after,
             issued_at: t,
@@ -452,36 +459,67 @@ fn random_nonce() -> Result<[u8; wire::NONCE_LEN], ring::error::Unspecified> {
     Ok(n)
 }
 
-/// The user's key policy, checked once the code is right. Each refusal names its rule, as the
-/// administrator set it (`user add --allow-serial/--min-pin-policy/--min-touch-policy`).
-fn check_key_rules(user: &UserRecord, p: &Prepared) -> Result<(), Refusal> {
-    let policy = &user.policy;
+/// A hardware key as the key rules see it: the YubiKey's serial and the key's attested PIN and
+/// touch policies (`None`: not recorded, for certificates issued before the gateway stored them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HardwareKey<'a> {
+    pub serial: u32,
+    pub pin_policy: Option<&'a str>,
+    pub touch_policy: Option<&'a str>,
+}
+
+/// When the key rules are checked: the wording of the advice differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleCheck {
+    Enrollment,
+    Renewal,
+}
+
+/// The user's key policy against a key (`None`: a software key). Checked at enrollment once the
+/// code is right, and again at each renewal (the rules may have changed since). Each refusal
+/// names its rule, as the administrator set it (`user add --allow-serial/--min-pin-policy/
+/// --min-touch-policy`). Fails closed: a rule or policy that does not parse, or a policy that was
+/// not recorded while a rule asks for one, refuses.
+pub fn check_key_rules(
+    policy: &UserPolicy,
+    key: Option<HardwareKey<'_>>,
+    when: RuleCheck,
+) -> Result<(), Refusal> {
     let rules = &policy.key_rules;
     let has_rules = !rules.allowed_serials.is_empty()
         || rules.min_pin_policy.is_some()
         || rules.min_touch_policy.is_some();
-    let Some(a) = &p.attested else {
+    let Some(key) = key else {
         // Rules about YubiKeys imply a YubiKey.
         if policy.require_hardware || has_rules {
             return Err(Refusal::HardwareRequired);
         }
         return Ok(());
     };
-    if !rules.allowed_serials.is_empty() && !rules.allowed_serials.contains(&a.serial) {
+    if !rules.allowed_serials.is_empty() && !rules.allowed_serials.contains(&key.serial) {
         let allowed = rules
             .allowed_serials
             .iter()
             .map(u32::to_string)
             .collect::<Vec<_>>()
             .join(", ");
+        let advice = match when {
+            RuleCheck::Enrollment => "",
+            RuleCheck::Renewal => ": enroll again with one of them (--key yubikey)",
+        };
         return Err(Refusal::KeyRule(format!(
-            "key rule allow-serial failed: YubiKey {} is not one of the YubiKeys allowed for this user ({allowed})",
-            a.serial
+            "key rule allow-serial failed: YubiKey {} is not one of the YubiKeys allowed for this user ({allowed}){advice}",
+            key.serial
         )));
     }
     if let Some(min) = &rules.min_pin_policy {
         let want = parse_rule::<PinPolicy>("min-pin-policy", min)?;
-        let have = parse_attested::<PinPolicy>("PIN", &a.pin_policy)?;
+        let Some(have) = key.pin_policy else {
+            return Err(Refusal::KeyRule(format!(
+                "key rule min-pin-policy failed: the key's PIN policy was not recorded when its certificate was issued, this user needs at least {want}: enroll again with --pin-policy {want}"
+            )));
+        };
+        let have = parse_attested::<PinPolicy>("PIN", have)?;
         if !have.at_least(want) {
             return Err(Refusal::KeyRule(format!(
                 "key rule min-pin-policy failed: the key's PIN policy is {have}, this user needs at least {want}: enroll again with --pin-policy {want}"
@@ -490,7 +528,12 @@ fn check_key_rules(user: &UserRecord, p: &Prepared) -> Result<(), Refusal> {
     }
     if let Some(min) = &rules.min_touch_policy {
         let want = parse_rule::<TouchPolicy>("min-touch-policy", min)?;
-        let have = parse_attested::<TouchPolicy>("touch", &a.touch_policy)?;
+        let Some(have) = key.touch_policy else {
+            return Err(Refusal::KeyRule(format!(
+                "key rule min-touch-policy failed: the key's touch policy was not recorded when its certificate was issued, this user needs at least {want}: enroll again with --touch-policy {want}"
+            )));
+        };
+        let have = parse_attested::<TouchPolicy>("touch", have)?;
         if !have.at_least(want) {
             return Err(Refusal::KeyRule(format!(
                 "key rule min-touch-policy failed: the key's touch policy is {have}, this user needs at least {want}: enroll again with --touch-policy {want}"
@@ -805,6 +848,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(rec.hardware_serial, Some(7));
+        assert_eq!(rec.pin_policy.as_deref(), Some("once"));
+        assert_eq!(rec.touch_policy.as_deref(), Some("never"));
         // A rule about YubiKeys refuses software keys even without --require-hardware-key.
         let f = fixture(UserPolicy {
             key_rules: crate::store::KeyRules {
@@ -887,6 +932,87 @@ mod tests {
             Arc::new(FakeYubikeyWith("always", "always")),
         );
         enroll_hardware(&f, T0).unwrap();
+    }
+
+    #[test]
+    fn key_rules_at_renewal_check_serials_and_recorded_policies() {
+        let policy = |allowed: Vec<u32>, pin: Option<&str>, touch: Option<&str>| UserPolicy {
+            key_rules: crate::store::KeyRules {
+                allowed_serials: allowed,
+                min_pin_policy: pin.map(Into::into),
+                min_touch_policy: touch.map(Into::into),
+            },
+            ..Default::default()
+        };
+        let yk = |serial, pin, touch| {
+            Some(HardwareKey {
+                serial,
+                pin_policy: pin,
+                touch_policy: touch,
+            })
+        };
+        let check = |p: &UserPolicy, k| check_key_rules(p, k, RuleCheck::Renewal);
+        let msg = |r: Result<(), Refusal>| match r {
+            Err(Refusal::KeyRule(m)) => m,
+            other => panic!("not a key rule refusal: {other:?}"),
+        };
+        // No rules: anything, software keys included.
+        assert_eq!(check(&UserPolicy::default(), None), Ok(()));
+        assert_eq!(check(&UserPolicy::default(), yk(7, None, None)), Ok(()));
+        // A serial no longer allowed.
+        assert_eq!(
+            msg(check(&policy(vec![8], None, None), yk(7, Some("once"), Some("never")))),
+            "key rule allow-serial failed: YubiKey 7 is not one of the YubiKeys allowed for this user (8): enroll again with one of them (--key yubikey)"
+        );
+        assert_eq!(
+            check(&policy(vec![7, 8], None, None), yk(7, None, None)),
+            Ok(())
+        );
+        // Policies recorded at enrollment, compared with today's minimum.
+        assert_eq!(
+            msg(check(&policy(vec![], None, Some("always")), yk(7, Some("once"), Some("cached")))),
+            "key rule min-touch-policy failed: the key's touch policy is cached, this user needs at least always: enroll again with --touch-policy always"
+        );
+        assert_eq!(
+            msg(check(&policy(vec![], Some("always"), None), yk(7, Some("once"), Some("cached")))),
+            "key rule min-pin-policy failed: the key's PIN policy is once, this user needs at least always: enroll again with --pin-policy always"
+        );
+        assert_eq!(
+            check(
+                &policy(vec![7], Some("once"), Some("cached")),
+                yk(7, Some("always"), Some("always"))
+            ),
+            Ok(())
+        );
+        // Not recorded (issued before the gateway stored policies): refused while a minimum is set.
+        assert_eq!(
+            msg(check(&policy(vec![], Some("once"), None), yk(7, None, None))),
+            "key rule min-pin-policy failed: the key's PIN policy was not recorded when its certificate was issued, this user needs at least once: enroll again with --pin-policy once"
+        );
+        assert_eq!(
+            msg(check(&policy(vec![], None, Some("cached")), yk(7, Some("once"), None))),
+            "key rule min-touch-policy failed: the key's touch policy was not recorded when its certificate was issued, this user needs at least cached: enroll again with --touch-policy cached"
+        );
+        // Rules about YubiKeys refuse a software key.
+        for p in [
+            policy(vec![7], None, None),
+            policy(vec![], Some("once"), None),
+            UserPolicy {
+                require_hardware: true,
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(check(&p, None), Err(Refusal::HardwareRequired));
+        }
+        // The wording at enrollment is unchanged.
+        assert_eq!(
+            msg(check_key_rules(
+                &policy(vec![8], None, None),
+                yk(7, Some("once"), Some("never")),
+                RuleCheck::Enrollment
+            )),
+            "key rule allow-serial failed: YubiKey 7 is not one of the YubiKeys allowed for this user (8)"
+        );
     }
 
     #[test]

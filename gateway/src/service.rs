@@ -17,6 +17,7 @@ use zerospice_proto::connect::SpiceTarget;
 use zerospice_proto::{ErrorCode, SessionId, VmId, WireError};
 
 use crate::access::{unix_now, AccessState, Peer};
+use crate::enrollment::{check_key_rules, HardwareKey, Refusal, RuleCheck};
 use crate::policy;
 use crate::proxmox::{Guest, ProxmoxClient, ProxmoxError};
 use crate::sessions::Owner;
@@ -312,6 +313,19 @@ async fn power(
     Ok(Response::PowerDone { vmid, action })
 }
 
+/// The answer to a renewal the key rules refuse: the key stays what it is, so the way out is a new
+/// enrollment.
+fn renewal_refused(refusal: Refusal) -> WireError {
+    match refusal {
+        Refusal::HardwareRequired => WireError::new(
+            ErrorCode::HardwareKeyRequired,
+            "this user must now use a hardware key (YubiKey): enroll again with --key yubikey",
+        ),
+        Refusal::KeyRule(m) => WireError::new(ErrorCode::HardwareKeyRequired, m),
+        other => internal(other.audit_reason()),
+    }
+}
+
 async fn renew(state: &Arc<AccessState>, peer: &Peer, csr: Vec<u8>) -> Result<Response, WireError> {
     let csr =
         ValidatedCsr::parse(&csr).map_err(|e| WireError::new(ErrorCode::BadCsr, e.to_string()))?;
@@ -329,11 +343,36 @@ async fn renew(state: &Arc<AccessState>, peer: &Peer, csr: Vec<u8>) -> Result<Re
         ));
     }
     let policy = user_policy(state, peer).await?;
-    if policy.require_hardware && peer.identity.key == KeyProvenance::Software {
-        return Err(WireError::new(
-            ErrorCode::HardwareKeyRequired,
-            "this user must now use a hardware key (YubiKey): enroll again with --key yubikey",
-        ));
+    // The key rules as they are now (they may have changed since the key was enrolled), against
+    // the key and the policies recorded with the current certificate.
+    let serial = peer.serial.clone();
+    let current = state
+        .store
+        .run(move |s| s.certificate(&serial))
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            internal(format!(
+                "certificate {} is not in the database",
+                peer.serial
+            ))
+        })?;
+    let hardware = match peer.identity.key {
+        KeyProvenance::Software => None,
+        KeyProvenance::Yubikey { serial } => Some(HardwareKey {
+            serial,
+            pin_policy: current.pin_policy.as_deref(),
+            touch_policy: current.touch_policy.as_deref(),
+        }),
+    };
+    if let Err(refusal) = check_key_rules(&policy, hardware, RuleCheck::Renewal) {
+        state
+            .audit(peer.audit(
+                "cert.renew_refused",
+                serde_json::json!({ "reason": refusal.audit_reason() }),
+            ))
+            .await;
+        return Err(renewal_refused(refusal));
     }
     let state2 = state.clone();
     let peer2 = peer.clone();
@@ -361,6 +400,9 @@ async fn renew(state: &Arc<AccessState>, peer: &Peer, csr: Vec<u8>) -> Result<Re
                 key_fingerprint: issued.key_fingerprint.to_string(),
                 key_kind: peer.identity.key.kind().to_string(),
                 hardware_serial: peer.identity.key.hardware_serial(),
+                // Same key: the policies attested at enrollment still hold.
+                pin_policy: current.pin_policy.clone(),
+                touch_policy: current.touch_policy.clone(),
                 not_before: issued.not_before,
                 not_after: issued.not_after,
                 issued_at: now,

@@ -72,6 +72,13 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX audit_at ON audit(at);
     "#,
+    // 2: the attested PIN and touch policies of a certificate's hardware key (`never`, `once`,
+    //    `always` / `never`, `cached`, `always`), so renewal can check the user's current key
+    //    rules. NULL for software keys and for certificates issued before this migration.
+    r#"
+    ALTER TABLE certificates ADD COLUMN pin_policy TEXT;
+    ALTER TABLE certificates ADD COLUMN touch_policy TEXT;
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +154,10 @@ pub struct CertRecord {
     pub key_fingerprint: String,
     pub key_kind: String,
     pub hardware_serial: Option<u32>,
+    /// The attested PIN policy of a hardware key (`None`: software key, or not recorded).
+    pub pin_policy: Option<String>,
+    /// The attested touch policy of a hardware key (`None`: software key, or not recorded).
+    pub touch_policy: Option<String>,
     pub not_before: i64,
     pub not_after: i64,
     pub issued_at: i64,
@@ -216,6 +227,10 @@ pub struct NewCertificate {
     pub key_fingerprint: String,
     pub key_kind: String,
     pub hardware_serial: Option<u32>,
+    /// The attested PIN policy of a hardware key (`None` for software keys).
+    pub pin_policy: Option<String>,
+    /// The attested touch policy of a hardware key (`None` for software keys).
+    pub touch_policy: Option<String>,
     pub not_before: i64,
     pub not_after: i64,
     pub issued_at: i64,
@@ -583,7 +598,7 @@ const USER_SELECT: &str = "SELECT name, totp_secret, vms, pools, tags, power, re
 const CERT_SELECT: &str =
     "SELECT c.serial, c.user, c.device, c.fingerprint, c.key_fingerprint, c.key_kind,
         c.hardware_serial, c.not_before, c.not_after, c.issued_at, r.revoked_at, r.reason,
-        EXISTS (SELECT 1 FROM users u WHERE u.name = c.user)
+        EXISTS (SELECT 1 FROM users u WHERE u.name = c.user), c.pin_policy, c.touch_policy
      FROM certificates c LEFT JOIN revocations r ON r.serial = c.serial";
 
 fn json<T: Serialize>(v: &T) -> String {
@@ -638,6 +653,8 @@ fn cert_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CertRecord> {
         revoked_at: r.get(10)?,
         revoke_reason: r.get(11)?,
         user_exists: r.get(12)?,
+        pin_policy: r.get(13)?,
+        touch_policy: r.get(14)?,
     })
 }
 
@@ -702,8 +719,8 @@ impl Tx<'_> {
     pub fn insert_certificate(&self, c: &NewCertificate) -> Result<(), StoreError> {
         self.0.execute(
             "INSERT INTO certificates (serial, user, device, fingerprint, key_fingerprint, key_kind,
-                hardware_serial, not_before, not_after, issued_at, der)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                hardware_serial, not_before, not_after, issued_at, der, pin_policy, touch_policy)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 c.serial,
                 c.user,
@@ -715,7 +732,9 @@ impl Tx<'_> {
                 c.not_before,
                 c.not_after,
                 c.issued_at,
-                c.der
+                c.der,
+                c.pin_policy,
+                c.touch_policy
             ],
         )?;
         Ok(())
@@ -786,6 +805,8 @@ mod tests {
             key_fingerprint: "k".into(),
             key_kind: "software".into(),
             hardware_serial: None,
+            pin_policy: None,
+            touch_policy: None,
             not_before: 0,
             not_after: 100,
             issued_at: 1,
@@ -916,6 +937,46 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn a_version_1_database_gains_the_policy_columns_and_keeps_its_certificates() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join(DB_FILE);
+        {
+            // A database as the first release left it: migration 1 only, one certificate.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO certificates (serial, user, device, fingerprint, key_fingerprint,
+                    key_kind, hardware_serial, not_before, not_after, issued_at, der)
+                 VALUES ('0a', 'a', 'd', 'fp', 'k', 'yubikey', 7, 0, 100, 1, x'01')",
+                [],
+            )
+            .unwrap();
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = Store::open(&path).unwrap();
+        let version: i64 = s
+            .lock()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let old = s.certificate("0a").unwrap().unwrap();
+        assert_eq!(old.hardware_serial, Some(7));
+        assert_eq!((old.pin_policy, old.touch_policy), (None, None));
+        // New certificates keep their policies.
+        let mut c = cert("0b", "a");
+        c.key_kind = "yubikey".into();
+        c.hardware_serial = Some(7);
+        c.pin_policy = Some("once".into());
+        c.touch_policy = Some("cached".into());
+        s.write(|tx| tx.insert_certificate(&c)).unwrap();
+        let new = s.certificate("0b").unwrap().unwrap();
+        assert_eq!(new.pin_policy.as_deref(), Some("once"));
+        assert_eq!(new.touch_policy.as_deref(), Some("cached"));
     }
 
     #[test]

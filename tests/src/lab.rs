@@ -338,6 +338,19 @@ impl Lab {
         user: &str,
         device: &str,
     ) -> anyhow::Result<()> {
+        self.record_key(issued, user, device, KeyProvenance::Software, None, None)
+    }
+
+    /// [`Lab::record`] for a key of the given provenance and recorded PIN/touch policies.
+    pub fn record_key(
+        &self,
+        issued: &IssuedCertificate,
+        user: &str,
+        device: &str,
+        key: KeyProvenance,
+        pin_policy: Option<&str>,
+        touch_policy: Option<&str>,
+    ) -> anyhow::Result<()> {
         let store = zerospice_gateway::store::Store::open(&self.home.db())?;
         store.write(|tx| {
             tx.insert_certificate(&zerospice_gateway::store::NewCertificate {
@@ -346,8 +359,10 @@ impl Lab {
                 device: device.into(),
                 fingerprint: issued.fingerprint.to_string(),
                 key_fingerprint: issued.key_fingerprint.to_string(),
-                key_kind: "software".into(),
-                hardware_serial: None,
+                key_kind: key.kind().into(),
+                hardware_serial: key.hardware_serial(),
+                pin_policy: pin_policy.map(Into::into),
+                touch_policy: touch_policy.map(Into::into),
                 not_before: issued.not_before,
                 not_after: issued.not_after,
                 issued_at: issued.not_before,
@@ -389,13 +404,35 @@ pub fn client_cert(
     now: time::OffsetDateTime,
     validity: time::Duration,
 ) -> anyhow::Result<IssuedCertificate> {
+    client_cert_as(
+        ca,
+        key,
+        KeyProvenance::Software,
+        user,
+        device,
+        now,
+        validity,
+    )
+}
+
+/// [`client_cert`] with the key provenance the certificate states (a test may claim a YubiKey
+/// for a software key: the CA certifies what it is told).
+pub fn client_cert_as(
+    ca: &CertificateAuthority,
+    key: &SoftwareKey,
+    provenance: KeyProvenance,
+    user: &str,
+    device: &str,
+    now: time::OffsetDateTime,
+    validity: time::Duration,
+) -> anyhow::Result<IssuedCertificate> {
     let csr = zerospice_ca::csr::build_csr(key, user)?;
     let csr = ValidatedCsr::parse(&csr)?;
     Ok(ca.issue_client(&ClientCertRequest {
         csr: &csr,
         user: &UserName::new(user)?,
         device: &DeviceName::new(device)?,
-        key: KeyProvenance::Software,
+        key: provenance,
         now,
         validity,
     })?)

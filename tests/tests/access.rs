@@ -262,3 +262,78 @@ async fn the_agent_renews_its_certificate_before_it_expires() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn renewal_checks_the_users_current_yubikey_rules() {
+    use time::OffsetDateTime;
+    use zerospice_ca::KeyProvenance;
+    use zerospice_tests::lab::{client_cert_as, new_key};
+    let lab = Lab::start().await.unwrap();
+    let alice = lab.user("alice", &["--vm", "100"]).unwrap();
+    let ca = lab.ca().unwrap();
+    let yubikey = KeyProvenance::Yubikey { serial: 7 };
+    // Aging certificates (one day left) for keys on YubiKey 7: one with the policies recorded at
+    // enrollment (PIN once, touch cached), one from before the gateway recorded them.
+    let aging = |name: &str, pin: Option<&str>, touch: Option<&str>| {
+        let key = new_key();
+        let old = client_cert_as(
+            &ca,
+            &key,
+            yubikey,
+            "alice",
+            "laptop",
+            OffsetDateTime::now_utc() - time::Duration::days(6),
+            time::Duration::days(7),
+        )
+        .unwrap();
+        lab.record_key(&old, "alice", "laptop", yubikey, pin, touch)
+            .unwrap();
+        lab.profile_with(&alice, name, &old, &key).unwrap()
+    };
+    let recorded = aging("recorded", Some("once"), Some("cached"));
+    let unrecorded = aging("unrecorded", None, None);
+    let set = |extra: &[&str]| {
+        let mut args = vec!["user", "set", "alice", "--vm", "100"];
+        args.extend_from_slice(extra);
+        lab.admin(&args).unwrap();
+    };
+
+    // The administrator now allows another YubiKey only.
+    set(&["--allow-serial", "8"]);
+    let e = agent_err(&recorded, &["renew"]).unwrap();
+    assert!(
+        e.contains("error: key rule allow-serial failed: YubiKey 7 is not one of the YubiKeys allowed for this user (8): enroll again with one of them (--key yubikey)"),
+        "{e}"
+    );
+    // ... or a stronger touch policy than the key was generated with.
+    set(&["--allow-serial", "7", "--min-touch-policy", "always"]);
+    let e = agent_err(&recorded, &["renew"]).unwrap();
+    assert!(
+        e.contains("error: key rule min-touch-policy failed: the key's touch policy is cached, this user needs at least always: enroll again with --touch-policy always"),
+        "{e}"
+    );
+    // A policy that was never recorded does not pass a minimum (fail closed).
+    set(&["--allow-serial", "7", "--min-pin-policy", "once"]);
+    let e = agent_err(&unrecorded, &["renew"]).unwrap();
+    assert!(
+        e.contains("error: key rule min-pin-policy failed: the key's PIN policy was not recorded when its certificate was issued, this user needs at least once: enroll again with --pin-policy once"),
+        "{e}"
+    );
+    let audit = lab.audit().unwrap();
+    let refused = audit
+        .iter()
+        .filter(|r| r["event"] == "cert.renew_refused")
+        .count();
+    assert_eq!(refused, 3, "{audit:?}");
+
+    // Rules the key meets: renewed, and the new certificate keeps the recorded policies.
+    agent_ok(&recorded, &["renew"]).unwrap();
+    let p = zerospice_enroll::profile::ProfileDir::new(&recorded)
+        .load()
+        .unwrap();
+    let store = zerospice_gateway::store::Store::open(&lab.home.db()).unwrap();
+    let rec = store.certificate(&p.serial).unwrap().unwrap();
+    assert_eq!(rec.hardware_serial, Some(7));
+    assert_eq!(rec.pin_policy.as_deref(), Some("once"));
+    assert_eq!(rec.touch_policy.as_deref(), Some("cached"));
+}

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use zerospice_ca::attestation::{ParsePolicyError, PinPolicy, TouchPolicy};
-use zerospice_ca::csr::CsrError;
+use zerospice_ca::csr::{CsrError, CsrKeyKind};
 use zerospice_ca::{
     CertificateAuthority, ClientCertRequest, DeviceName, IssuedCertificate, KeyProvenance,
     NameError, UserName, ValidatedCsr,
@@ -581,6 +581,14 @@ impl AttestationCheck for YubikeyAttestation {
         chain: &[Vec<u8>],
         now: OffsetDateTime,
     ) -> Result<AttestedKey, String> {
+        // zerospice-enroll only generates ECDSA keys on a YubiKey. An RSA key has no legitimate
+        // source here, and those of firmware 4.2.6 to 4.3.4 can be factored (ROCA; the verifier
+        // refuses them too): refuse every RSA hardware claim before looking at the attestation.
+        if let CsrKeyKind::Rsa { bits } = csr.kind() {
+            return Err(format!(
+                "the YubiKey attestation was refused: the key is RSA-{bits}, and only ECDSA keys (P-256 or P-384) are accepted from a YubiKey (RSA keys of YubiKey firmware 4.2.6 to 4.3.4 can be factored, ROCA): enroll again with zerospice-enroll --key yubikey"
+            ));
+        }
         let a = zerospice_ca::attestation::verify(attestation, chain, csr.spki(), &self.roots, now)
             .map_err(|e| format!("the YubiKey attestation was refused: {e}"))?;
         Ok(AttestedKey {
@@ -1012,6 +1020,21 @@ mod tests {
                 RuleCheck::Enrollment
             )),
             "key rule allow-serial failed: YubiKey 7 is not one of the YubiKeys allowed for this user (8)"
+        );
+    }
+
+    #[test]
+    fn rsa_hardware_claims_are_refused() {
+        let csr = ValidatedCsr::parse(include_bytes!("../../ca/fixtures/rsa2048.csr.der")).unwrap();
+        let check = YubikeyAttestation {
+            roots: zerospice_ca::attestation::AttestationRoots::yubico(),
+        };
+        let e = check
+            .verify(&csr, &[0x30], &[vec![0x30]], at(T0))
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "the YubiKey attestation was refused: the key is RSA-2048, and only ECDSA keys (P-256 or P-384) are accepted from a YubiKey (RSA keys of YubiKey firmware 4.2.6 to 4.3.4 can be factored, ROCA): enroll again with zerospice-enroll --key yubikey"
         );
     }
 

@@ -654,13 +654,6 @@ pub fn generate(
     };
     verify_pin(&mut st, serial, prompt.as_ref())?;
 
-    let dev = |op, e: yubikey::Error| {
-        pcsc_error(&e).unwrap_or(PivError::Device {
-            serial,
-            op,
-            detail: e.to_string(),
-        })
-    };
     let mut warnings = Vec::new();
     let mut replace = opts.new_management_key;
     let yk = &mut st.yk;
@@ -689,65 +682,21 @@ pub fn generate(
             }
         }
     }
-    let mut new_management_key = None;
-    if let Some(kind) = replace {
-        let key = MgmKey::generate();
-        match kind {
-            NewManagementKey::Random => {
-                key.set_manual(yk, false)
-                    .map_err(|e| dev("setting the management key", e))?;
-                new_management_key = Some(Zeroizing::new(hex::encode(key.as_ref())));
-            }
-            NewManagementKey::Protected => {
-                key.set_protected(yk)
-                    .map_err(|e| dev("setting the PIN-protected management key", e))?;
-            }
-        }
-        yk.authenticate(key)
-            .map_err(|e| dev("authenticating with the new management key", e))?;
-    }
-
-    let spki = piv::generate(
-        yk,
-        slot.id(),
-        alg_id(opts.algorithm),
-        yk_pin_policy(opts.pin_policy),
-        yk_touch_policy(opts.touch_policy),
-    )
-    .map_err(|e| dev("generating the key", e))?;
-    let point = spki.subject_public_key.raw_bytes().to_vec();
-    if alg_of_point(&point) != Some(opts.algorithm) {
-        return Err(PivError::Device {
+    let done = provision(
+        &mut Card {
+            yk,
             serial,
-            op: "generating the key",
-            detail: "the card returned a key of another type".into(),
-        });
-    }
-    let attestation = match piv::attest(yk, slot.id()) {
-        Ok(a) => a.to_vec(),
-        Err(yubikey::Error::NotSupported) => {
-            return Err(PivError::NoAttestation {
-                serial,
-                firmware: v.to_string(),
-            })
-        }
-        Err(e) => return Err(dev("attesting the key", e)),
-    };
-    let f9 = Certificate::read(yk, SlotId::Attestation)
-        .map_err(|e| dev("reading the f9 attestation certificate", e))?;
-    let f9 = {
-        use der::Encode as _;
-        f9.cert.to_der().map_err(|e| PivError::Device {
-            serial,
-            op: "reading the f9 attestation certificate",
-            detail: e.to_string(),
-        })?
-    };
+            opts,
+            firmware: v.to_string(),
+        },
+        replace,
+        &mut warnings,
+    )?;
     let key = PivKey {
         serial,
         slot,
         alg: opts.algorithm,
-        public_key: point,
+        public_key: done.point,
         pin_policy: Some(opts.pin_policy),
         touch_policy: Some(opts.touch_policy),
         prompt,
@@ -755,16 +704,235 @@ pub fn generate(
     };
     Ok(Generated {
         key: Arc::new(key),
+        attestation: done.attestation,
+        f9: done.f9,
+        warnings,
+        new_management_key: done.new_management_key,
+    })
+}
+
+/// The card steps of [`generate`] once authenticated with the current management key.
+trait ProvisionSteps {
+    /// Generates the key in the slot; returns its public point.
+    fn generate_key(&mut self) -> Result<Vec<u8>, PivError>;
+    /// The slot's attestation certificate (DER).
+    fn attest(&mut self) -> Result<Vec<u8>, PivError>;
+    /// The f9 attestation certificate (DER).
+    fn read_f9(&mut self) -> Result<Vec<u8>, PivError>;
+    /// Sets a new random management key; returns it (hex) for [`NewManagementKey::Random`].
+    /// Once the card holds the new key, later trouble is a warning, never an error: the key must
+    /// reach the caller.
+    fn set_management_key(
+        &mut self,
+        kind: NewManagementKey,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<Zeroizing<String>>, PivError>;
+}
+
+/// What [`provision`] got from the card.
+struct Provisioned {
+    point: Vec<u8>,
+    attestation: Vec<u8>,
+    f9: Vec<u8>,
+    new_management_key: Option<Zeroizing<String>>,
+}
+
+/// Key generation, attestation and the f9 read first; the management key is replaced last, so a
+/// failure on the way leaves the card's management key as it was (a random key written earlier
+/// and lost with the error would lock the user out of key management on their YubiKey).
+fn provision(
+    card: &mut impl ProvisionSteps,
+    replace: Option<NewManagementKey>,
+    warnings: &mut Vec<String>,
+) -> Result<Provisioned, PivError> {
+    let point = card.generate_key()?;
+    let attestation = card.attest()?;
+    let f9 = card.read_f9()?;
+    let new_management_key = match replace {
+        Some(kind) => card.set_management_key(kind, warnings)?,
+        None => None,
+    };
+    Ok(Provisioned {
+        point,
         attestation,
         f9,
-        warnings,
         new_management_key,
     })
+}
+
+/// [`ProvisionSteps`] on a real (PC/SC) YubiKey.
+struct Card<'a> {
+    yk: &'a mut YubiKey,
+    serial: u32,
+    opts: &'a GenerateOptions,
+    firmware: String,
+}
+
+impl Card<'_> {
+    fn dev(&self, op: &'static str, e: yubikey::Error) -> PivError {
+        pcsc_error(&e).unwrap_or(PivError::Device {
+            serial: self.serial,
+            op,
+            detail: e.to_string(),
+        })
+    }
+}
+
+impl ProvisionSteps for Card<'_> {
+    fn generate_key(&mut self) -> Result<Vec<u8>, PivError> {
+        let opts = self.opts;
+        let spki = piv::generate(
+            self.yk,
+            opts.slot.id(),
+            alg_id(opts.algorithm),
+            yk_pin_policy(opts.pin_policy),
+            yk_touch_policy(opts.touch_policy),
+        )
+        .map_err(|e| self.dev("generating the key", e))?;
+        let point = spki.subject_public_key.raw_bytes().to_vec();
+        if alg_of_point(&point) != Some(opts.algorithm) {
+            return Err(PivError::Device {
+                serial: self.serial,
+                op: "generating the key",
+                detail: "the card returned a key of another type".into(),
+            });
+        }
+        Ok(point)
+    }
+
+    fn attest(&mut self) -> Result<Vec<u8>, PivError> {
+        match piv::attest(self.yk, self.opts.slot.id()) {
+            Ok(a) => Ok(a.to_vec()),
+            Err(yubikey::Error::NotSupported) => Err(PivError::NoAttestation {
+                serial: self.serial,
+                firmware: self.firmware.clone(),
+            }),
+            Err(e) => Err(self.dev("attesting the key", e)),
+        }
+    }
+
+    fn read_f9(&mut self) -> Result<Vec<u8>, PivError> {
+        let f9 = Certificate::read(self.yk, SlotId::Attestation)
+            .map_err(|e| self.dev("reading the f9 attestation certificate", e))?;
+        use der::Encode as _;
+        f9.cert.to_der().map_err(|e| PivError::Device {
+            serial: self.serial,
+            op: "reading the f9 attestation certificate",
+            detail: e.to_string(),
+        })
+    }
+
+    fn set_management_key(
+        &mut self,
+        kind: NewManagementKey,
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<Zeroizing<String>>, PivError> {
+        let key = MgmKey::generate();
+        let shown = match kind {
+            NewManagementKey::Random => {
+                key.set_manual(self.yk, false)
+                    .map_err(|e| self.dev("setting the management key", e))?;
+                Some(Zeroizing::new(hex::encode(key.as_ref())))
+            }
+            NewManagementKey::Protected => {
+                key.set_protected(self.yk)
+                    .map_err(|e| self.dev("setting the PIN-protected management key", e))?;
+                None
+            }
+        };
+        // The card holds the new key now: check it, but never lose it over the check.
+        if let Err(e) = self.yk.authenticate(key) {
+            warnings.push(format!(
+                "YubiKey {}: the new management key was set, but authenticating with it failed ({e})",
+                self.serial
+            ));
+        }
+        Ok(shown)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A card that records the steps it is asked for and fails at `fail_at`.
+    struct FakeCard {
+        fail_at: Option<&'static str>,
+        steps: Vec<&'static str>,
+    }
+
+    impl FakeCard {
+        fn step<T>(&mut self, name: &'static str, ok: T) -> Result<T, PivError> {
+            self.steps.push(name);
+            if self.fail_at == Some(name) {
+                return Err(PivError::Device {
+                    serial: 7,
+                    op: name,
+                    detail: "card removed".into(),
+                });
+            }
+            Ok(ok)
+        }
+    }
+
+    impl ProvisionSteps for FakeCard {
+        fn generate_key(&mut self) -> Result<Vec<u8>, PivError> {
+            self.step("generate", vec![4])
+        }
+        fn attest(&mut self) -> Result<Vec<u8>, PivError> {
+            self.step("attest", vec![0x30])
+        }
+        fn read_f9(&mut self) -> Result<Vec<u8>, PivError> {
+            self.step("f9", vec![0x31])
+        }
+        fn set_management_key(
+            &mut self,
+            kind: NewManagementKey,
+            _: &mut Vec<String>,
+        ) -> Result<Option<Zeroizing<String>>, PivError> {
+            let shown = (kind == NewManagementKey::Random).then(|| Zeroizing::new("ab".repeat(24)));
+            self.step("management key", shown)
+        }
+    }
+
+    #[test]
+    fn the_management_key_changes_only_after_generation_attestation_and_f9() {
+        // A failure before the end leaves the management key untouched (a random key written
+        // first would be lost with the error).
+        for fail_at in ["generate", "attest", "f9"] {
+            for kind in [NewManagementKey::Random, NewManagementKey::Protected] {
+                let mut card = FakeCard {
+                    fail_at: Some(fail_at),
+                    steps: Vec::new(),
+                };
+                let e = provision(&mut card, Some(kind), &mut Vec::new())
+                    .err()
+                    .expect("refused");
+                assert!(matches!(e, PivError::Device { op, .. } if op == fail_at));
+                assert!(!card.steps.contains(&"management key"), "{:?}", card.steps);
+            }
+        }
+        // All good: the new key is set last and handed back.
+        let mut card = FakeCard {
+            fail_at: None,
+            steps: Vec::new(),
+        };
+        let done = provision(&mut card, Some(NewManagementKey::Random), &mut Vec::new()).unwrap();
+        assert_eq!(card.steps, ["generate", "attest", "f9", "management key"]);
+        assert_eq!(
+            done.new_management_key.as_deref().map(|k| k.len()),
+            Some(48)
+        );
+        assert_eq!((done.attestation, done.f9), (vec![0x30], vec![0x31]));
+        // No replacement asked: the management key is never touched.
+        let mut card = FakeCard {
+            fail_at: None,
+            steps: Vec::new(),
+        };
+        let done = provision(&mut card, None, &mut Vec::new()).unwrap();
+        assert_eq!(card.steps, ["generate", "attest", "f9"]);
+        assert!(done.new_management_key.is_none());
+    }
 
     #[test]
     fn slots_parse_and_print() {

@@ -633,24 +633,7 @@ mod tests {
     }
 
     /// Says every hardware claim is YubiKey 7, firmware 5.4.3, PIN once, touch never.
-    struct FakeYubikey;
-
-    impl AttestationCheck for FakeYubikey {
-        fn verify(
-            &self,
-            _: &ValidatedCsr,
-            _: &[u8],
-            _: &[Vec<u8>],
-            _: OffsetDateTime,
-        ) -> Result<AttestedKey, String> {
-            Ok(AttestedKey {
-                serial: 7,
-                firmware: (5, 4, 3),
-                pin_policy: "once".into(),
-                touch_policy: "never".into(),
-            })
-        }
-    }
+    const FAKE_YUBIKEY: FakeYubikeyWith = FakeYubikeyWith("once", "never");
 
     fn fixture_with(policy: UserPolicy, attestation: Arc<dyn AttestationCheck>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
@@ -831,7 +814,7 @@ mod tests {
             ),
         ];
         for (r, want) in cases {
-            let f = fixture_with(rules(r), Arc::new(FakeYubikey));
+            let f = fixture_with(rules(r), Arc::new(FAKE_YUBIKEY));
             let e = enroll_hardware(&f, T0).unwrap_err();
             assert_eq!(e.wire().message, want);
             assert_eq!(e.wire().code, ErrorCode::AttestationRejected);
@@ -844,7 +827,7 @@ mod tests {
                 min_pin_policy: Some("once".into()),
                 min_touch_policy: None,
             }),
-            Arc::new(FakeYubikey),
+            Arc::new(FAKE_YUBIKEY),
         );
         let issued = enroll_hardware(&f, T0).unwrap();
         let id = zerospice_ca::Identity::from_der(&issued.der).unwrap();
@@ -904,14 +887,14 @@ mod tests {
             ..Default::default()
         };
         // A stored rule that is not a policy name: refused, not "anything goes".
-        let f = fixture_with(rules("sometimes", None), Arc::new(FakeYubikey));
+        let f = fixture_with(rules("sometimes", None), Arc::new(FAKE_YUBIKEY));
         let e = enroll_hardware(&f, T0).unwrap_err();
         assert_eq!(
             e.wire().message,
             "key rule min-pin-policy cannot be checked: the stored rule is not valid (unknown PIN policy 'sometimes': use never, once or always): the administrator must set it again (zerospice-gateway user set --min-pin-policy)"
         );
         assert!(f.svc.store.certificates(None).unwrap().is_empty());
-        let f = fixture_with(rules("never", Some("")), Arc::new(FakeYubikey));
+        let f = fixture_with(rules("never", Some("")), Arc::new(FAKE_YUBIKEY));
         let e = enroll_hardware(&f, T0).unwrap_err();
         assert!(
             e.wire()

@@ -27,18 +27,7 @@ impl QmpError {
 
 /// Sets the one-time SPICE password and lets it expire in 30 s. Callers bound the time.
 pub async fn set_spice_password(socket: &Path, password: &str) -> Result<(), QmpError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| QmpError::new("connect", e.to_string()))?;
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
-    let greeting = read_message(&mut r)
-        .await
-        .map_err(|e| QmpError::new("greeting", e))?;
-    if greeting.get("QMP").is_none() {
-        return Err(QmpError::new("greeting", "not a QMP greeting"));
-    }
-    execute(&mut r, &mut w, "qmp_capabilities", None).await?;
+    let (mut r, mut w) = open(socket).await?;
     execute(
         &mut r,
         &mut w,
@@ -63,6 +52,12 @@ pub async fn command(
     name: &str,
     arguments: Option<Value>,
 ) -> Result<Value, QmpError> {
+    let (mut r, mut w) = open(socket).await?;
+    execute(&mut r, &mut w, name, arguments).await
+}
+
+/// Connects, reads the greeting and leaves the capabilities negotiation done.
+async fn open(socket: &Path) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf), QmpError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|e| QmpError::new("connect", e.to_string()))?;
@@ -75,7 +70,7 @@ pub async fn command(
         return Err(QmpError::new("greeting", "not a QMP greeting"));
     }
     execute(&mut r, &mut w, "qmp_capabilities", None).await?;
-    execute(&mut r, &mut w, name, arguments).await
+    Ok((r, w))
 }
 
 async fn execute(

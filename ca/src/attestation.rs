@@ -1407,6 +1407,21 @@ mod tests {
         )
     }
 
+    /// `verify` of a test slot certificate issued by a test f9, for the slot certificate's key.
+    fn verify_att(
+        att: &TestCa,
+        f9: &TestCa,
+        roots: &AttestationRoots,
+    ) -> Result<Attestation, AttestationError> {
+        verify(
+            &att.der,
+            std::slice::from_ref(&f9.der),
+            &spki_of(&att.der),
+            roots,
+            NOW,
+        )
+    }
+
     fn roots_with(ca: &TestCa) -> AttestationRoots {
         let mut r = AttestationRoots::empty();
         r.add_pem(&crate::pem::certificate(&ca.der)).unwrap();
@@ -1418,14 +1433,7 @@ mod tests {
         let root = root("Test PIV Root");
         let f9 = f9_under(&root, Some(0));
         let att = slot_cert(&f9, "9a", yubico_exts(Some(12345678), [2, 1]));
-        let a = verify(
-            &att.der,
-            std::slice::from_ref(&f9.der),
-            &spki_of(&att.der),
-            &roots_with(&root),
-            NOW,
-        )
-        .unwrap();
+        let a = verify_att(&att, &f9, &roots_with(&root)).unwrap();
         assert_eq!(a.serial, 12345678);
         assert_eq!(
             (a.pin_policy, a.touch_policy),
@@ -1434,13 +1442,7 @@ mod tests {
         assert_eq!(a.root_subject, "CN=Test PIV Root");
         // Not against Yubico's roots.
         assert_eq!(
-            verify(
-                &att.der,
-                std::slice::from_ref(&f9.der),
-                &spki_of(&att.der),
-                &AttestationRoots::yubico(),
-                NOW
-            ),
+            verify_att(&att, &f9, &AttestationRoots::yubico()),
             Err(AttestationError::Untrusted)
         );
     }
@@ -1512,38 +1514,18 @@ mod tests {
         let root = root("Test PIV Root");
         let f9 = f9_under(&root, Some(0));
         let att = slot_cert(&f9, "9a", yubico_exts(None, [2, 1]));
-        let err = verify(
-            &att.der,
-            std::slice::from_ref(&f9.der),
-            &spki_of(&att.der),
-            &roots_with(&root),
-            NOW,
-        )
-        .unwrap_err();
+        let err = verify_att(&att, &f9, &roots_with(&root)).unwrap_err();
         assert_eq!(err, AttestationError::NoSerial);
         assert_eq!(err.to_string(), "the attestation carries no device serial");
         // Malformed policy bytes.
         let att = slot_cert(&f9, "9a", yubico_exts(Some(7), [4, 1]));
         assert!(matches!(
-            verify(
-                &att.der,
-                std::slice::from_ref(&f9.der),
-                &spki_of(&att.der),
-                &roots_with(&root),
-                NOW
-            ),
+            verify_att(&att, &f9, &roots_with(&root)),
             Err(AttestationError::MalformedExtension(_))
         ));
         // "Default" (0) bytes count as the weakest policies.
         let att = slot_cert(&f9, "9a", yubico_exts(Some(7), [0, 0]));
-        let a = verify(
-            &att.der,
-            std::slice::from_ref(&f9.der),
-            &spki_of(&att.der),
-            &roots_with(&root),
-            NOW,
-        )
-        .unwrap();
+        let a = verify_att(&att, &f9, &roots_with(&root)).unwrap();
         assert_eq!(
             (a.pin_policy, a.touch_policy),
             (PinPolicy::Never, TouchPolicy::Never)
@@ -1679,13 +1661,7 @@ mod tests {
         );
         let att = slot_cert(&f9, "9a", yubico_exts(Some(1), [2, 1]));
         assert!(matches!(
-            verify(
-                &att.der,
-                std::slice::from_ref(&f9.der),
-                &spki_of(&att.der),
-                &roots_with(&root),
-                NOW
-            ),
+            verify_att(&att, &f9, &roots_with(&root)),
             Err(AttestationError::NotCa(_))
         ));
         // An f9 that says CA:FALSE.
@@ -1698,13 +1674,7 @@ mod tests {
         );
         let att = slot_cert(&f9, "9a", yubico_exts(Some(1), [2, 1]));
         assert!(matches!(
-            verify(
-                &att.der,
-                std::slice::from_ref(&f9.der),
-                &spki_of(&att.der),
-                &roots_with(&root),
-                NOW
-            ),
+            verify_att(&att, &f9, &roots_with(&root)),
             Err(AttestationError::NotCa(_))
         ));
     }
@@ -1719,14 +1689,7 @@ mod tests {
         crit.set_criticality(true);
         exts.push(crit);
         let att = slot_cert(&f9, "9a", exts);
-        let err = verify(
-            &att.der,
-            std::slice::from_ref(&f9.der),
-            &spki_of(&att.der),
-            &roots,
-            NOW,
-        )
-        .unwrap_err();
+        let err = verify_att(&att, &f9, &roots).unwrap_err();
         assert_eq!(
             err,
             AttestationError::UnknownCriticalExtension {
@@ -1743,13 +1706,7 @@ mod tests {
             KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
         );
         assert_eq!(
-            verify(
-                &att.der,
-                std::slice::from_ref(&f9.der),
-                &spki_of(&att.der),
-                &roots,
-                NOW
-            ),
+            verify_att(&att, &f9, &roots),
             Err(AttestationError::AttestationIsCa)
         );
         // A duplicated Yubico extension.
@@ -1757,13 +1714,7 @@ mod tests {
         exts.push(CustomExtension::from_oid_content(YUBICO_POLICY, vec![3, 2]));
         let att = slot_cert(&f9, "9a", exts);
         assert!(matches!(
-            verify(
-                &att.der,
-                std::slice::from_ref(&f9.der),
-                &spki_of(&att.der),
-                &roots,
-                NOW
-            ),
+            verify_att(&att, &f9, &roots),
             Err(AttestationError::DuplicateExtension(_))
         ));
     }
@@ -1804,14 +1755,7 @@ mod tests {
             KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
         );
         let att = slot_cert(&f9, "9a", yubico_exts(Some(1), [2, 1]));
-        let err = verify(
-            &att.der,
-            std::slice::from_ref(&f9.der),
-            &spki_of(&att.der),
-            &roots_with(&anchor),
-            NOW,
-        )
-        .unwrap_err();
+        let err = verify_att(&att, &f9, &roots_with(&anchor)).unwrap_err();
         assert_eq!(
             err.to_string(),
             "the certificate 'CN=Yubico PIV Attestation' in the attestation chain has expired or is not yet valid"
